@@ -1,0 +1,236 @@
+"""The mitmproxy glue: options, hooks and flow annotations. Decisions live in ``gateway``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from typing import Any
+
+from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+from . import config, routing
+from .gateway import Gateway, Routed
+
+log = logging.getLogger("kvgate")
+
+# How long past the routing budget the event loop waits for a routing thread before it
+# falls back to the balancer (threads honour the budget themselves; this is a backstop).
+ROUTING_SLACK = 0.05
+META = "kvcache"
+
+
+def _unparseable(gw: Gateway, req: http.Request) -> str | None:
+    """Why this request's body is not read (None: read it)."""
+    if req.method != "POST":
+        return "not a POST"
+    encoding = req.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        return "compressed body"
+    if req.raw_content is None:
+        return "streamed body"
+    if len(req.raw_content) > gw.kv.max_body_bytes:
+        return "body above max_body_bytes"
+    return None
+
+
+class KVCacheAddon:
+    def __init__(self) -> None:
+        self.gateway: Gateway | None = None
+        self._running = False
+        self._cancels: dict[str, threading.Event] = {}
+
+    # ------------------------------------------------------------ options
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "kvcache_config",
+            str,
+            "",
+            "Path to the kvgate config (seed, Pixiu or kvgate shape). Empty: pass-through.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "kvcache_config" not in updated:
+            return
+        path = ctx.options.kvcache_config
+        if not path:
+            self._swap(None)
+            return
+        try:
+            cfg = config.load(path)
+        except config.ConfigError as exc:
+            if self._running:
+                # mitmproxy rolls the option back: the previous config stays in force.
+                raise exceptions.OptionsError(str(exc)) from None
+            # At start-up an error logged here makes mitmproxy exit (errorcheck addon).
+            log.error("%s", exc)
+            return
+        self._swap(Gateway(cfg))
+        kv = cfg.kvcache
+        log.info(
+            "[kvcache] config %s: enabled=%s, clusters=%s, route_on_miss=%s",
+            cfg.source, kv.enabled,
+            ", ".join(f"{n}({len(c.endpoints)})" for n, c in cfg.clusters.items()),
+            kv.route_on_miss,
+        )
+
+    def _swap(self, new: Gateway | None) -> None:
+        old, self.gateway = self.gateway, new
+        if old is not None:
+            old.close()
+
+    def running(self) -> None:
+        self._running = True
+
+    def done(self) -> None:
+        self._swap(None)
+
+    # ------------------------------------------------------------ hooks
+
+    def _cluster_for(self, gw: Gateway, flow: http.HTTPFlow) -> str | None:
+        route = gw.route_for(flow.request.path)
+        if route is None:
+            return None
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return route.cluster
+        # Regular/other modes: only traffic aimed at our engines or virtual hosts.
+        host, port = flow.request.host, flow.request.port
+        vhosts = gw.kv.virtual_hosts
+        if host in vhosts or f"{host}:{port}" in vhosts:
+            return route.cluster
+        if any(c.find(host, port) for c in gw.clusters.values()):
+            return route.cluster
+        return None
+
+    async def _decide(self, gw: Gateway, cluster: str, flow: http.HTTPFlow) -> Routed:
+        if not gw.kv.enabled:
+            return Routed(gw.balancer(cluster, routing.DISABLED))
+        reason = _unparseable(gw, flow.request)
+        if reason is not None:
+            gw.counters.inc("requests.not_parsed")
+            return Routed(gw.balancer(cluster, routing.BALANCER, reason))
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(gw.routing_pool, gw.route, cluster, flow.request.raw_content)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), gw.routing_budget + ROUTING_SLACK)
+        except TimeoutError:
+            # Let the late answer still feed the background work.
+            cancel = threading.Event()
+            future.add_done_callback(
+                lambda f: f.cancelled() or f.exception() or gw.submit_background(f.result(), cancel)
+            )
+            return Routed(gw.balancer(cluster, routing.FALLBACK, "routing budget exceeded"))
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        gw = self.gateway
+        if gw is None or flow.response is not None or flow.error is not None:
+            return
+        try:
+            cluster = self._cluster_for(gw, flow)
+            if cluster is None:
+                return
+            routed = await self._decide(gw, cluster, flow)
+            self._apply(gw, cluster, flow, routed)
+        except Exception:  # a hook must never take a flow down: forward it untouched
+            log.exception("[kvcache] routing error; request forwarded unchanged")
+
+    def _apply(self, gw: Gateway, cluster: str, flow: http.HTTPFlow, routed: Routed) -> None:
+        decision = routed.decision
+        assert decision is not None
+        ep = decision.endpoint
+        req = flow.request
+        req.scheme = ep.scheme
+        req.host = ep.host
+        req.port = ep.port
+        req.host_header = ep.hostport
+        gw.clusters[cluster].begin(ep.id)
+        meta: dict[str, Any] = {
+            "cluster": cluster,
+            "endpoint": ep.id,
+            "route": decision.reason,
+            "matched_tokens": decision.matched_tokens,
+        }
+        if decision.detail:
+            meta["detail"] = decision.detail
+        if routed.parsed is not None:
+            meta["model"] = routed.parsed.model
+            meta["prompt_hash"] = routed.key[:16]
+            if routed.tokens is not None:
+                meta["prompt_tokens"] = len(routed.tokens)
+        flow.metadata[META] = meta
+        comment = f"kvcache: {decision.reason} -> {ep.id}"
+        if decision.matched_tokens:
+            comment += f" ({decision.matched_tokens} cached tokens)"
+        elif decision.detail:
+            comment += f" ({decision.detail})"
+        flow.comment = comment
+        log.debug("[kvcache] %s %s key=%s", flow.request.path, comment, meta.get("prompt_hash"))
+        if routed.parsed is not None:
+            cancel = threading.Event()
+            self._cancels[flow.id] = cancel
+            gw.submit_background(routed, cancel)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            resp = flow.response
+            if resp is None:
+                return
+            if resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
+                resp.stream = True
+            gw = self.gateway
+            meta = flow.metadata.get(META)
+            if gw is not None and meta and gw.kv.debug_headers:
+                resp.headers["x-kvcache-endpoint"] = meta["endpoint"]
+                resp.headers["x-kvcache-route"] = meta["route"]
+                resp.headers["x-kvcache-matched-tokens"] = str(meta["matched_tokens"])
+        except Exception:
+            log.exception("[kvcache] responseheaders error")
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(META)
+        gw = self.gateway
+        self._cancels.pop(flow.id, None)
+        if not meta or meta.get("finished") or gw is None:
+            return
+        meta["finished"] = True
+        cluster = gw.clusters.get(meta["cluster"])
+        if cluster is not None:
+            cluster.end(meta["endpoint"])
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._finish(flow)
+        except Exception:
+            log.exception("[kvcache] response hook error")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        try:
+            cancel = self._cancels.get(flow.id)
+            if cancel is not None:
+                cancel.set()
+            meta = flow.metadata.get(META)
+            gw = self.gateway
+            if meta and gw is not None and flow.response is None and flow.error is not None:
+                msg = flow.error.msg.lower()
+                if "connect" in msg and "client" not in msg:
+                    gw.health.mark_down(meta["endpoint"])
+                    gw.counters.inc("health.ejections")
+                    log.warning("[kvcache] endpoint %s ejected: %s", meta["endpoint"],
+                                flow.error.msg)
+            self._finish(flow)
+        except Exception:
+            log.exception("[kvcache] error hook error")
+
+    # ------------------------------------------------------------ commands
+
+    @command.command("kvcache.stats")
+    def stats(self) -> str:
+        """Token-cache, routing, breaker and background figures as JSON."""
+        if self.gateway is None:
+            return json.dumps({"loaded": False})
+        text = json.dumps(self.gateway.stats(), sort_keys=True)
+        log.info("[kvcache] stats %s", text)
+        return text

@@ -1,0 +1,50 @@
+"""A cluster at run time: its endpoints, the round-robin balancer and in-flight counts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .config import ClusterConfig, Endpoint
+
+
+class Cluster:
+    def __init__(self, cfg: ClusterConfig, is_healthy: Callable[[str], bool]) -> None:
+        self.name = cfg.name
+        self.endpoints = cfg.endpoints
+        self.by_id = {ep.id: ep for ep in cfg.endpoints}
+        self._is_healthy = is_healthy
+        self._lock = threading.Lock()
+        self._next = 0
+        self.inflight: dict[str, int] = {ep.id: 0 for ep in cfg.endpoints}
+
+    def healthy(self, endpoint_id: str) -> bool:
+        return endpoint_id in self.by_id and self._is_healthy(endpoint_id)
+
+    def round_robin(self) -> Endpoint:
+        """The next healthy endpoint in rotation; when none is healthy, the next one at all."""
+        with self._lock:
+            n = len(self.endpoints)
+            for step in range(n):
+                ep = self.endpoints[(self._next + step) % n]
+                if self._is_healthy(ep.id):
+                    self._next = (self._next + step + 1) % n
+                    return ep
+            ep = self.endpoints[self._next % n]
+            self._next = (self._next + 1) % n
+            return ep
+
+    def begin(self, endpoint_id: str) -> None:
+        with self._lock:
+            self.inflight[endpoint_id] = self.inflight.get(endpoint_id, 0) + 1
+
+    def end(self, endpoint_id: str) -> None:
+        with self._lock:
+            if self.inflight.get(endpoint_id, 0) > 0:
+                self.inflight[endpoint_id] -= 1
+
+    def find(self, host: str, port: int) -> Endpoint | None:
+        for ep in self.endpoints:
+            if ep.port == port and ep.host.lower() == host.lower():
+                return ep
+        return None

@@ -1,0 +1,214 @@
+"""One request's life without mitmproxy: parse, route within budget, queue the cache work.
+
+The mitmproxy addon calls ``route`` on a thread of the routing pool and ``manage_cache``
+through the bounded background pool; everything here is plain, testable Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import routing, strategy
+from .background import BoundedPool
+from .breaker import BreakerOpen, CircuitBreaker
+from .client import CallError, HelperClient, Unsupported, make_session
+from .cluster import Cluster
+from .config import GatewayConfig, Route
+from .deadline import Cancelled, Deadline
+from .health import HealthBook
+from .hotness import HotTracker
+from .lmcache import LMCacheClient, Placement
+from .load import LoadMonitor
+from .metrics import Counters
+from .parsing import NotParsed, ParsedRequest, cache_key, parse_body
+from .tokens import TokenCache, Tokenizer, Tokens
+
+log = logging.getLogger("kvgate")
+
+
+@dataclass
+class Routed:
+    """What routing learnt; handed on to the background work so nothing is done twice."""
+
+    decision: routing.RouteDecision | None
+    parsed: ParsedRequest | None = None
+    key: str = ""
+    tokens: Tokens | None = None
+    placements: list[Placement] | None = None
+    body: bytes = b""
+    notes: list[str] = field(default_factory=list)
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        kv = cfg.kvcache
+        self.kv = kv
+        self.health = HealthBook()
+        self.clusters = {
+            name: Cluster(c, self.health.is_healthy) for name, c in cfg.clusters.items()
+        }
+        self.counters = Counters()
+        self.session = make_session(kv)
+        cb = kv.circuit_breaker
+        self.tokenizer_breaker = CircuitBreaker(
+            "tokenizer", cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls
+        )
+        self.lmcache_breaker = CircuitBreaker(
+            "lmcache", cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls
+        )
+        self.tokenizer = Tokenizer(
+            HelperClient("tokenizer", kv.vllm_endpoint, self.session, self.tokenizer_breaker)
+        )
+        self.lmcache = LMCacheClient(
+            HelperClient("lmcache", kv.lmcache_endpoint, self.session, self.lmcache_breaker,
+                         kv.retry)
+        )
+        self.token_cache = TokenCache(kv.token_cache.enabled, kv.token_cache.capacity,
+                                      kv.token_cache.ttl)
+        self.hot = HotTracker(kv.hot_window, kv.hot_max_records, kv.hot_keys_cap)
+        self.load = LoadMonitor()
+        self.routing_pool = ThreadPoolExecutor(
+            max_workers=kv.routing_workers, thread_name_prefix="kvgate-route"
+        )
+        self.background = BoundedPool("kvgate-bg", kv.background_workers, kv.background_queue)
+        self._closed = threading.Event()
+
+    # ------------------------------------------------------------ request path
+
+    def route_for(self, path: str) -> Route | None:
+        return self.cfg.route_for(path)
+
+    def balancer(self, cluster_name: str, reason: str, detail: str = "") -> routing.RouteDecision:
+        ep = self.clusters[cluster_name].round_robin()
+        self.counters.inc(f"routes.{reason}")
+        return routing.RouteDecision(ep, reason, 0, detail)
+
+    @property
+    def routing_budget(self) -> float:
+        return min(self.kv.lookup_routing_timeout, self.kv.request_timeout)
+
+    def route(self, cluster_name: str, body: bytes) -> Routed:
+        """Parse and pick an endpoint, spending at most the routing budget on helpers."""
+        kv = self.kv
+        self.load.record_request()
+        try:
+            parsed = parse_body(body, kv.default_model)
+        except NotParsed as exc:
+            self.counters.inc("requests.not_parsed")
+            return Routed(self.balancer(cluster_name, routing.BALANCER, str(exc)))
+        key = cache_key(parsed.model, parsed.key_text)
+        self.hot.record(key)
+        routed = Routed(None, parsed=parsed, key=key, body=body)
+        deadline = Deadline(self.routing_budget)
+        tokens: Tokens | None = parsed.token_ids
+        if tokens is None:
+            tokens = self.token_cache.get(key)
+        if tokens is None and kv.route_on_miss:
+            try:
+                tokens = self.tokenizer.tokenize(body, deadline)
+                self.token_cache.put(key, tokens)
+                self.counters.inc("tokenize.routing_ok")
+            except (CallError, BreakerOpen, Cancelled) as exc:
+                self.counters.inc("tokenize.routing_failed")
+                routed.decision = self.balancer(cluster_name, routing.FALLBACK,
+                                                f"tokenize: {exc}")
+                return routed
+        routed.tokens = tokens
+        if tokens is None:
+            routed.decision = self.balancer(cluster_name, routing.BALANCER, "token cache miss")
+            return routed
+        try:
+            placements = self.lmcache.lookup(tokens, deadline)
+            self.counters.inc("lookup.routing_ok")
+        except (CallError, BreakerOpen, Cancelled) as exc:
+            self.counters.inc("lookup.routing_failed")
+            routed.decision = self.balancer(cluster_name, routing.FALLBACK, f"lookup: {exc}")
+            return routed
+        routed.placements = placements
+        cluster = self.clusters[cluster_name]
+        best = routing.longest_prefix(placements, cluster.endpoints, cluster.healthy,
+                                      cluster.inflight)
+        if best is None:
+            detail = "no cached prefix" if not placements else "holder unknown or unhealthy"
+            routed.decision = self.balancer(cluster_name, routing.BALANCER, detail)
+            return routed
+        self.counters.inc(f"routes.{routing.CACHE}")
+        routed.decision = routing.RouteDecision(best[0], routing.CACHE, best[1])
+        return routed
+
+    # ------------------------------------------------------------ background
+
+    def submit_background(self, routed: Routed, cancel: threading.Event) -> bool:
+        """Queue cache management for a parsed request; never blocks, drops when full."""
+        if routed.parsed is None or self._closed.is_set():
+            return False
+        ok = self.background.submit(lambda: self.manage_cache(routed, cancel))
+        if not ok:
+            self.counters.inc("background.dropped")
+        return ok
+
+    def manage_cache(self, routed: Routed, cancel: threading.Event) -> list[strategy.ActionResult]:
+        """Tokenize, look up if routing did not, decide, execute; bounded by request_timeout."""
+        deadline = Deadline(self.kv.request_timeout, cancel)
+        try:
+            tokens = routed.tokens
+            if tokens is None:
+                tokens = self.token_cache.get(routed.key)
+            if tokens is None:
+                tokens = self.tokenizer.tokenize(routed.body, deadline)
+                self.token_cache.put(routed.key, tokens)
+                self.counters.inc("tokenize.background_ok")
+            if routed.placements is None:
+                routed.placements = self.lmcache.lookup(tokens, deadline)
+                self.counters.inc("lookup.background_ok")
+            deadline.check()
+            decision = strategy.decide(
+                self.kv.cache_strategy,
+                self.load.snapshot(),
+                self.hot.is_hot(routed.key, self.kv.cache_strategy.hot_content_threshold),
+            )
+            if not decision.any:
+                return []
+            results = strategy.execute(decision, tokens, self.kv.cache_strategy, self.lmcache,
+                                       deadline)
+            for r in results:
+                self.counters.inc(f"actions.{r.action}_{r.result}")
+            return results
+        except Cancelled as exc:
+            self.counters.inc("background.cancelled")
+            log.debug("[kvcache] cache management for %s stopped: %s", routed.key[:12], exc)
+        except Unsupported:
+            self.counters.inc("background.unsupported")
+        except (CallError, BreakerOpen) as exc:
+            self.counters.inc("background.failed")
+            log.warning("[kvcache] cache management for %s failed: %s", routed.key[:12], exc)
+        return []
+
+    # ------------------------------------------------------------ reporting
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "enabled": self.kv.enabled,
+            "token_cache": self.token_cache.snapshot(),
+            "hot_keys": len(self.hot),
+            "counters": self.counters.grouped(),
+            "breakers": {
+                "tokenizer": self.tokenizer_breaker.snapshot(),
+                "lmcache": self.lmcache_breaker.snapshot(),
+            },
+            "unsupported_actions": dict(self.lmcache.unsupported),
+            "background": self.background.snapshot(),
+            "inflight": {n: dict(c.inflight) for n, c in self.clusters.items()},
+            "ejected": [ep for ep, ok in self.health.snapshot().items() if not ok],
+        }
+
+    def close(self) -> None:
+        self._closed.set()
+        self.background.shutdown()
+        self.routing_pool.shutdown(wait=False, cancel_futures=True)
+        self.session.close()

@@ -1,0 +1,80 @@
+"""Token ids for prompts: the LRU+TTL token cache and the vLLM /tokenize client."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cachetools import TTLCache
+
+from .client import CallError, HelperClient
+from .deadline import Deadline
+
+Tokens = tuple[int, ...]
+
+
+class TokenCache:
+    """LRU with a TTL (the seed evicted at random); counts hits and misses like the seed."""
+
+    def __init__(self, enabled: bool, capacity: int, ttl: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.enabled = enabled
+        self._cache: TTLCache[str, Tokens] = TTLCache(
+            maxsize=max(capacity, 1), ttl=ttl if ttl > 0 else math.inf, timer=clock
+        )
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> Tokens | None:
+        if not self.enabled:
+            return None
+        with self._lock:
+            tokens = self._cache.get(key)
+            if tokens is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return tokens
+
+    def put(self, key: str, tokens: Sequence[int]) -> None:
+        if self.enabled and tokens:
+            with self._lock:
+                self._cache[key] = tuple(tokens)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._cache.expire()
+            return len(self._cache)
+
+    def snapshot(self) -> dict[str, Any]:
+        total = self.hits + self.misses
+        return {
+            "enabled": self.enabled,
+            "size": len(self),
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": round(self.hits / total, 4) if total else 0.0,
+        }
+
+
+def _tokens_from(answer: Any) -> Tokens:
+    tokens = answer.get("tokens") if isinstance(answer, dict) else None
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in tokens
+    ):
+        raise CallError("tokenize: answer has no token list", retryable=False)
+    return tuple(tokens)
+
+
+class Tokenizer:
+    """vLLM ``POST /tokenize``, forwarding the client's raw body as the seed does."""
+
+    def __init__(self, client: HelperClient) -> None:
+        self.client = client
+
+    def tokenize(self, raw_body: bytes, deadline: Deadline) -> Tokens:
+        return _tokens_from(self.client.post("/tokenize", None, deadline, raw=raw_body))
