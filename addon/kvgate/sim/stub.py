@@ -266,8 +266,8 @@ class StubController(StubApp):
                 limit = min(len(held), len(query))
                 while n < limit and held[n] == query[n]:
                     n += 1
-                if n < len(held) and n < len(query):
-                    n = (n // CHUNK) * CHUNK  # a chunk counts only whole (or as the tail)
+                if not n == len(held) == len(query):
+                    n = (n // CHUNK) * CHUNK  # chunk hashes match only for equal chunks
                 best = max(best, n)
             if best:
                 out[instance_id] = best

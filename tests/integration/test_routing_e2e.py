@@ -1,0 +1,198 @@
+"""End to end: real mitmdump + addon in reverse mode in front of loopback stubs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+from harness import Stubs
+from kvgate.sim.stub import tokenize_text
+from mitmproxy import io as mitmio
+
+
+def reverse(stubs: Stubs) -> str:
+    return f"reverse:http://127.0.0.1:{stubs.ports['vllm-1']}"
+
+
+def test_routes_to_the_instance_holding_the_longest_prefix(stubs: Stubs, mitm) -> None:
+    prompt = " ".join(f"w{i}" for i in range(600))
+    tokens = tokenize_text(prompt)
+    stubs.controller.holdings = {"vllm-2": [tokens[:300]], "vllm-3": [tokens[:520]]}
+    gw = mitm(stubs.kvgate_config(), mode=reverse(stubs))
+    r = gw.post("/v1/completions?trace=1", {"model": "m", "prompt": prompt})
+    assert r.status_code == 200
+    assert r.headers["x-kvcache-route"] == "cache"
+    assert r.headers["x-kvcache-endpoint"] == "vllm-3"
+    assert r.headers["x-kvcache-matched-tokens"] == "512"  # whole chunks of 256 only
+    body = r.json()
+    assert body["engine"] == "vllm-3"
+    # Host header names the chosen endpoint; path and query are kept.
+    assert body["host"] == f"127.0.0.1:{stubs.ports['vllm-3']}"
+    paths = [p for m, p, _ in stubs.calls("vllm-3") if m == "POST"]
+    assert "/v1/completions?trace=1" in paths
+
+
+def test_first_sight_routes_and_seed_mode_waits_for_a_repeat(stubs: Stubs, mitm) -> None:
+    prompt = "a long shared system prompt " * 20
+    stubs.controller.holdings = {"vllm-2": [tokenize_text(prompt)]}
+    gw = mitm(stubs.kvgate_config(), mode=reverse(stubs))
+    r = gw.post("/v1/completions", {"model": "m", "prompt": prompt})
+    assert (r.headers["x-kvcache-route"], r.headers["x-kvcache-endpoint"]) == ("cache", "vllm-2")
+
+    seed = mitm(stubs.kvgate_config(route_on_miss=False), mode=reverse(stubs))
+    first = seed.post("/v1/completions", {"model": "m", "prompt": prompt})
+    assert first.headers["x-kvcache-route"] == "balancer"
+    # the background task tokenizes; the repeat then routes like the seed does
+    deadline = time.monotonic() + 5
+    while True:
+        again = seed.post("/v1/completions", {"model": "m", "prompt": prompt})
+        if again.headers["x-kvcache-route"] == "cache" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert again.headers["x-kvcache-endpoint"] == "vllm-2"
+    assert again.headers["x-kvcache-route"] == "cache"
+
+
+def test_token_id_prompts_route_without_tokenize(stubs: Stubs, mitm) -> None:
+    ids = list(range(1000, 1300))
+    stubs.controller.holdings = {"vllm-1": [ids]}
+    gw = mitm(stubs.kvgate_config(), mode=reverse(stubs))
+    r = gw.post("/v1/completions", {"model": "m", "prompt": ids})
+    assert r.headers["x-kvcache-endpoint"] == "vllm-1"
+    assert r.headers["x-kvcache-matched-tokens"] == "300"
+    time.sleep(0.3)  # let the background task run
+    assert not [p for e in stubs.engines for _, p, _ in stubs.calls(e) if p == "/tokenize"]
+
+
+def test_streaming_is_not_buffered(stubs: Stubs, mitm) -> None:
+    for e in stubs.engines.values():
+        e.stream_chunks, e.stream_gap = 4, 0.4
+    gw = mitm(stubs.kvgate_config(), mode=reverse(stubs))
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    t0 = time.monotonic()
+    with gw.post("/v1/chat/completions", body, stream=True) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        first = next(line for line in lines if line)
+        t_first = time.monotonic() - t0
+        rest = [line for line in lines if line]
+    total = time.monotonic() - t0
+    assert first.startswith(b"data: {")
+    assert rest[-1] == b"data: [DONE]"
+    assert total >= 1.5  # 4 gaps of 0.4 s: the engine really streamed
+    assert t_first < total / 2, (t_first, total)
+
+
+def test_slow_lookups_do_not_queue_behind_each_other(stubs: Stubs, mitm) -> None:
+    stubs.controller.delay = 0.4
+    stubs.controller.record = False
+    gw = mitm(stubs.kvgate_config(lookup_routing_timeout="2s"), mode=reverse(stubs))
+    prompt_ids = [[7, 8, 9, i] for i in range(16)]
+    gw.post("/v1/completions", {"model": "m", "prompt": [1, 2]})  # warm up
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(
+            lambda ids: gw.post("/v1/completions", {"model": "m", "prompt": ids}), prompt_ids))
+    elapsed = time.monotonic() - t0
+    assert all(r.status_code == 200 for r in results)
+    # 16 lookups of 0.4 s each, run one after another, would take 6.4 s.
+    assert elapsed < 1.6, elapsed
+
+
+def test_bad_input_reaches_an_engine_exactly_as_sent(stubs: Stubs, mitm) -> None:
+    gw = mitm(stubs.kvgate_config(max_body_bytes=4096), mode=reverse(stubs))
+    cases: list[tuple[bytes, dict[str, str]]] = [
+        (b"not json at all", {}),
+        (b"[1, 2, 3]", {}),
+        (b'{"model": 5, "prompt": {"x": 1}}', {}),
+        (b'{"model": "m", "prompt": "   "}', {}),
+        (b'{"model": "m", "messages": "nope"}', {}),
+        (b'{"model": "m", "prompt": [true, false]}', {}),
+        (json.dumps({"model": "m", "prompt": "x" * 10_000}).encode(), {}),
+        (gzip.compress(b'{"model": "m", "prompt": "zipped"}'), {"content-encoding": "gzip"}),
+        (b"\xff\xfe\x00garbage", {}),
+    ]
+    for body, headers in cases:
+        for e in stubs.engines.values():
+            e.calls.clear()
+        r = requests.post(gw.url + "/v1/completions", data=body, headers=headers, timeout=10)
+        assert r.status_code in (200, 400), (body[:40], r.status_code)
+        assert r.headers["x-kvcache-route"] == "balancer"
+        received = [b for e in stubs.engines for m, p, b in stubs.calls(e)
+                    if p == "/v1/completions"]
+        assert len(received) == 1
+        got = received[0]
+        expected = json.loads(body) if not isinstance(got, bytes) else body
+        assert got == expected
+    r = requests.get(gw.url + "/some/unknown/path?q=1", timeout=10)
+    assert r.status_code == 200
+    assert r.json()["path"] == "/some/unknown/path?q=1"
+    assert r.headers["x-kvcache-route"] == "balancer"
+
+
+def test_enabled_false_is_a_pass_through_to_the_balancer(stubs: Stubs, mitm) -> None:
+    stubs.controller.holdings = {"vllm-3": [[1, 2, 3]]}
+    gw = mitm(stubs.kvgate_config(enabled=False), mode=reverse(stubs))
+    seen = set()
+    for _ in range(3):
+        r = gw.post("/v1/completions", {"model": "m", "prompt": [1, 2, 3]})
+        assert r.headers["x-kvcache-route"] == "disabled"
+        seen.add(r.json()["engine"])
+    assert seen == {"vllm-1", "vllm-2", "vllm-3"}  # round robin
+    time.sleep(0.2)
+    assert stubs.controller_calls() == []
+
+
+def test_keeps_serving_when_the_controller_is_down(stubs: Stubs, mitm) -> None:
+    stubs.controller.stop()
+    gw = mitm(stubs.kvgate_config(lookup_routing_timeout="100ms",
+                                  circuit_breaker={"failure_threshold": 2}),
+              mode=reverse(stubs))
+    routes = []
+    for i in range(8):
+        r = gw.post("/v1/completions", {"model": "m", "prompt": [1, 2, i]})
+        assert r.status_code == 200
+        routes.append(r.headers["x-kvcache-route"])
+    assert set(routes) == {"fallback"}
+
+
+def test_flows_carry_metadata_and_comment(stubs: Stubs, mitm) -> None:
+    stubs.controller.holdings = {"vllm-2": [[5, 6, 7, 8]]}
+    gw = mitm(stubs.kvgate_config(), mode=reverse(stubs))
+    gw.post("/v1/completions", {"model": "m", "prompt": [5, 6, 7, 8]})
+    gw.stop()
+    with open(gw.flows_path, "rb") as fh:
+        flows = list(mitmio.FlowReader(fh).stream())
+    assert len(flows) == 1
+    meta = flows[0].metadata["kvcache"]
+    assert meta["endpoint"] == "vllm-2" and meta["route"] == "cache"
+    assert meta["matched_tokens"] == 4
+    assert "cache -> vllm-2" in flows[0].comment
+
+
+def test_prompt_text_never_logged_at_info(stubs: Stubs, mitm) -> None:
+    secret = "zebra-secret-7731"
+    for e in stubs.engines.values():
+        e.status = 500  # make tokenize fail so warnings get logged
+    gw = mitm(stubs.kvgate_config(), mode=reverse(stubs))
+    gw.post("/v1/completions", {"model": "m", "prompt": f"tell me about {secret}"})
+    gw.post("/v1/completions", b'{"model": "m", "prompt": "' + secret.encode() + b'"')
+    time.sleep(0.3)
+    gw.stop()
+    log = gw.log()
+    assert "[kvcache]" in log
+    assert secret not in log
+
+
+def test_passive_ejection_of_a_dead_endpoint(stubs: Stubs, mitm) -> None:
+    cfg = stubs.kvgate_config()
+    dead = {"id": "vllm-dead", "socket_address": {"address": "127.0.0.1", "port": 9}}
+    cfg["clusters"][0]["endpoints"].append(dead)
+    gw = mitm(cfg, mode=reverse(stubs))
+    statuses = [gw.post("/v1/completions", {"model": "m", "prompt": [i]}).status_code
+                for i in range(12)]
+    assert statuses.count(502) == 1  # only the first try reaches the dead endpoint
+    assert "vllm-dead ejected" in gw.log()
