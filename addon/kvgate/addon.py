@@ -68,6 +68,8 @@ class KVCacheAddon:
             # At start-up an error logged here makes mitmproxy exit (errorcheck addon).
             log.error("%s", exc)
             return
+        if self.gateway is not None and self.gateway.cfg == cfg:
+            return  # same settings (e.g. an option rolled back): keep caches and counters
         self._swap(Gateway(cfg))
         kv = cfg.kvcache
         log.info(

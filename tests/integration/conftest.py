@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Gateway, Stubs, start_mitmdump
+
 from kvgate.sim.stub import StubController, StubEngine
+
+from harness import Gateway, Stubs, start_mitmdump
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from typing import Any
 
 import requests
 import yaml
+
 from kvgate.sim.stub import StubController, StubEngine
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,9 +8,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
-from harness import Stubs
-from kvgate.sim.stub import tokenize_text
 from mitmproxy import io as mitmio
+
+from kvgate.sim.stub import tokenize_text
+
+from harness import Stubs
 
 
 def reverse(stubs: Stubs) -> str:

@@ -8,6 +8,7 @@ tests and the overhead benchmark need. The full engine simulator is ``kvgate.sim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import threading
 import time
@@ -315,10 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         app.delay = args.delay
     app.start(args.port)
     print(f"ready {args.kind} on 127.0.0.1:{args.port}", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

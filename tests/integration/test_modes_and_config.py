@@ -1,0 +1,90 @@
+"""Regular proxy mode, config errors at start and while running, the stats command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import yaml
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+
+from kvgate.addon import KVCacheAddon
+from kvgate.sim.stub import StubEngine
+
+from harness import Stubs, start_mitmdump
+
+
+def test_regular_proxy_routes_only_our_engines_and_virtual_hosts(stubs: Stubs, mitm) -> None:
+    stubs.controller.holdings = {"vllm-3": [[4, 4, 4]]}
+    other = StubEngine("outsider")
+    other_port = other.start()
+    try:
+        gw = mitm(stubs.kvgate_config(virtual_hosts=["llm.internal"]), mode=None)
+        proxies = {"http": gw.url}
+        body = json.dumps({"model": "m", "prompt": [4, 4, 4]})
+        # aimed at one of our engines: routed by cache to vllm-3
+        r = requests.post(f"http://127.0.0.1:{stubs.ports['vllm-1']}/v1/completions",
+                          data=body, proxies=proxies, timeout=10)
+        assert r.headers["x-kvcache-endpoint"] == "vllm-3"
+        assert r.json()["engine"] == "vllm-3"
+        # aimed at a virtual host: routed too
+        r = requests.post("http://llm.internal/v1/completions", data=body, proxies=proxies,
+                          timeout=10)
+        assert r.json()["engine"] == "vllm-3"
+        # anything else passes untouched
+        r = requests.post(f"http://127.0.0.1:{other_port}/v1/completions", data=body,
+                          proxies=proxies, timeout=10)
+        assert r.json()["engine"] == "outsider"
+        assert "x-kvcache-route" not in r.headers
+    finally:
+        other.stop()
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"lookup_routing_timeout": "soon"}, "lookup_routing_timeout"),
+        ({"cache_strategy": {"load_threshold": 1.5}}, "cache_strategy.load_threshold"),
+        ({"token_cache": {"max_size": "big"}}, "token_cache.max_size"),
+    ],
+)
+def test_config_error_stops_mitmdump_with_one_line(stubs: Stubs, tmp_path, patch, field) -> None:
+    cfg = stubs.kvgate_config(**patch)
+    gw = start_mitmdump(tmp_path, cfg, mode="reverse:http://127.0.0.1:9", wait=False)
+    assert gw.proc.wait(30) == 1
+    lines = [line for line in gw.log().splitlines() if "config error" in line]
+    assert len(lines) == 1 and field in lines[0]
+    assert "Traceback" not in gw.log()
+
+
+def test_empty_config_file_is_refused_at_start(tmp_path) -> None:
+    gw = start_mitmdump(tmp_path, "", mode="reverse:http://127.0.0.1:9", wait=False)
+    assert gw.proc.wait(30) == 1  # an empty file is not a mapping
+    assert "config error" in gw.log()
+    assert "Traceback" not in gw.log()
+
+
+def test_bad_config_while_running_is_refused_and_old_one_stays(stubs: Stubs, tmp_path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(stubs.kvgate_config()))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(stubs.kvgate_config(retry={"max_attempts": -1})))
+    addon = KVCacheAddon()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, kvcache_config=str(good))
+        before = addon.gateway
+        assert before is not None
+        addon.running()
+        with pytest.raises(exceptions.OptionsError, match="retry.max_attempts"):
+            tctx.configure(addon, kvcache_config=str(bad))
+        assert addon.gateway is before
+        assert tctx.options.kvcache_config == str(good)
+        stats = json.loads(addon.stats())
+        assert stats["enabled"] is True
+        assert {"token_cache", "breakers", "counters", "background"} <= set(stats)
+        assert stats["breakers"]["lmcache"]["state"] == "closed"
+        addon.done()
+
+
