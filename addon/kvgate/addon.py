@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -16,9 +15,6 @@ from .gateway import Gateway, Routed
 
 log = logging.getLogger("kvgate")
 
-# How long past the routing budget the event loop waits for a routing thread before it
-# falls back to the balancer (threads honour the budget themselves; this is a backstop).
-ROUTING_SLACK = 0.05
 META = "kvcache"
 
 
@@ -53,6 +49,11 @@ class KVCacheAddon:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "termlog_verbosity" in updated and hasattr(ctx.options, "termlog_verbosity"):
+            # mitmproxy leaves the root logger at DEBUG; don't pay for our debug lines
+            # on the request path unless someone is reading them.
+            debug = ctx.options.termlog_verbosity == "debug"
+            log.setLevel(logging.DEBUG if debug else logging.INFO)
         if "kvcache_config" not in updated:
             return
         path = ctx.options.kvcache_config
@@ -114,17 +115,9 @@ class KVCacheAddon:
         if reason is not None:
             gw.counters.inc("requests.not_parsed")
             return Routed(gw.balancer(cluster, routing.BALANCER, reason))
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(gw.routing_pool, gw.route, cluster, flow.request.raw_content)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), gw.routing_budget + ROUTING_SLACK)
-        except TimeoutError:
-            # Let the late answer still feed the background work.
-            cancel = threading.Event()
-            future.add_done_callback(
-                lambda f: f.cancelled() or f.exception() or gw.submit_background(f.result(), cancel)
-            )
-            return Routed(gw.balancer(cluster, routing.FALLBACK, "routing budget exceeded"))
+        body = flow.request.raw_content
+        assert body is not None
+        return await gw.route_async(cluster, body)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         gw = self.gateway

@@ -1,7 +1,9 @@
 """HTTP calls to helper services (vLLM /tokenize, the LMCache controller).
 
-requests sessions with sized pools; every call is bounded by a Deadline, guarded by a
-circuit breaker and, where asked, retried with capped exponential backoff.
+urllib3 pools (requests' own engine, used directly: a requests.Session call cost about
+twice the CPU per lookup here, on the request path; see README). Every call is bounded
+by a Deadline, guarded by a circuit breaker and, where asked, retried with capped
+exponential backoff.
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ import json
 import logging
 from typing import Any
 
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3
+from urllib3.exceptions import HTTPError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from .breaker import BreakerOpen, CircuitBreaker
 from .config import KVCacheConfig, RetryConfig
 from .deadline import Cancelled, Deadline
 
 log = logging.getLogger("kvgate")
+
+
+_HEADERS = {"Content-Type": "application/json"}
 
 
 class CallError(Exception):
@@ -36,24 +42,50 @@ class Unsupported(CallError):
         super().__init__(message, status=status, retryable=False)
 
 
-def make_session(cfg: KVCacheConfig) -> requests.Session:
-    """A session whose pool matches the seed's max_idle_conns* / max_conns_per_host knobs."""
-    session = requests.Session()
+def make_pool(cfg: KVCacheConfig) -> urllib3.PoolManager:
+    """Pools sized by the seed's max_idle_conns* / max_conns_per_host knobs.
+
+    max_idle_conns: how many hosts keep pools; max_idle_conns_per_host: connections kept
+    per host (default: one per routing thread); max_conns_per_host > 0: a hard cap, callers
+    wait for a free connection.
+    """
     maxsize = cfg.max_idle_conns_per_host or max(cfg.routing_workers, 16)
     block = False
     if cfg.max_conns_per_host > 0:
         maxsize = cfg.max_conns_per_host
         block = True
-    adapter = HTTPAdapter(
-        pool_connections=max(cfg.max_idle_conns or 10, 1),
-        pool_maxsize=maxsize,
-        pool_block=block,
-        max_retries=0,
+    return urllib3.PoolManager(
+        num_pools=max(cfg.max_idle_conns or 10, 1), maxsize=maxsize, block=block, retries=False
     )
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.trust_env = False  # helpers are addressed directly, never via HTTP_PROXY
-    return session
+
+
+def decode_answer(name: str, path: str, status: int, data: bytes) -> Any:
+    """JSON of a 2xx answer; otherwise the CallError that says whether to retry."""
+    if status in (404, 405):
+        raise Unsupported(f"{name} {path}: status {status}", status)
+    if not 200 <= status < 300:
+        raise CallError(
+            f"{name} {path}: status {status}: {data[:200]!r}",
+            status=status,
+            retryable=status >= 500,
+        )
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise CallError(f"{name} {path}: answer is not JSON", retryable=True) from None
+
+
+def guarded(breaker: CircuitBreaker, exc: BaseException | None) -> None:
+    """Tell the breaker how a call ended: transport failures and 5xx count, 4xx prove life."""
+    if exc is None:
+        breaker.success()
+    elif isinstance(exc, CallError):
+        if exc.retryable:
+            breaker.failure()
+        else:
+            breaker.success()
+    else:  # cancelled: proves nothing
+        breaker.release()
 
 
 def backoff_delay(attempt: int, retry: RetryConfig) -> float:
@@ -66,13 +98,13 @@ class HelperClient:
         self,
         name: str,
         base_url: str,
-        session: requests.Session,
+        pool: urllib3.PoolManager,
         breaker: CircuitBreaker,
         retry: RetryConfig | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
-        self.session = session
+        self.pool = pool
         self.breaker = breaker
         self.retry = retry
 
@@ -81,37 +113,22 @@ class HelperClient:
         if timeout <= 0:
             raise Cancelled("deadline exceeded")
         try:
-            resp = self.session.post(
+            resp = self.pool.request(
+                "POST",
                 self.base_url + path,
-                data=body,
-                headers={"Content-Type": "application/json"},
-                timeout=timeout,
+                body=body,
+                headers=_HEADERS,
+                timeout=urllib3.Timeout(total=timeout),
+                retries=False,
+                redirect=False,
             )
-        except requests.Timeout:
+        except Urllib3Timeout:
             raise CallError(f"{self.name} {path}: timed out", retryable=True) from None
-        except requests.RequestException as exc:
+        except (HTTPError, OSError) as exc:
             raise CallError(
                 f"{self.name} {path}: {type(exc).__name__}", retryable=True
             ) from None
-        status = resp.status_code
-        if status in (404, 405):
-            raise Unsupported(f"{self.name} {path}: status {status}", status)
-        if status >= 500:
-            raise CallError(
-                f"{self.name} {path}: status {status}: {resp.text[:200]!r}",
-                status=status,
-                retryable=True,
-            )
-        if not 200 <= status < 300:
-            raise CallError(
-                f"{self.name} {path}: status {status}: {resp.text[:200]!r}",
-                status=status,
-                retryable=False,
-            )
-        try:
-            return resp.json()
-        except ValueError:
-            raise CallError(f"{self.name} {path}: answer is not JSON", retryable=True) from None
+        return decode_answer(self.name, path, resp.status, resp.data)
 
     def post(self, path: str, payload: Any, deadline: Deadline, *, raw: bytes | None = None) -> Any:
         """POST JSON; retries (when configured) until success, a 4xx, or the deadline."""
@@ -124,18 +141,15 @@ class HelperClient:
                 raise BreakerOpen(f"{self.name} circuit breaker open")
             try:
                 result = self._once(path, body, deadline)
-            except Cancelled:
-                self.breaker.release()
+            except Cancelled as exc:
+                guarded(self.breaker, exc)
                 raise
             except CallError as exc:
-                if exc.retryable:
-                    self.breaker.failure()
-                else:
-                    # The helper answered: it is alive, the request was refused.
-                    self.breaker.success()
+                guarded(self.breaker, exc)
+                if not exc.retryable or self.retry is None:
                     raise
                 attempt += 1
-                if attempt >= attempts or self.retry is None:
+                if attempt >= attempts:
                     raise
                 if not deadline.sleep(backoff_delay(attempt - 1, self.retry)):
                     raise

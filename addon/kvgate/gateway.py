@@ -6,6 +6,7 @@ through the bounded background pool; everything here is plain, testable Python.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,21 +14,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import routing, strategy
+from .aioclient import AsyncHelper
 from .background import BoundedPool
 from .breaker import BreakerOpen, CircuitBreaker
-from .client import CallError, HelperClient, Unsupported, make_session
+from .client import CallError, HelperClient, Unsupported, make_pool
 from .cluster import Cluster
 from .config import GatewayConfig, Route
 from .deadline import Cancelled, Deadline
 from .health import HealthBook
 from .hotness import HotTracker
-from .lmcache import LMCacheClient, Placement
-from .load import LoadMonitor
+from .lmcache import LMCacheClient, Placement, lookup_body, parse_layout
+from .load import LoadMetrics, LoadMonitor
 from .metrics import Counters
 from .parsing import NotParsed, ParsedRequest, cache_key, parse_body
-from .tokens import TokenCache, Tokenizer, Tokens
+from .tokens import TokenCache, Tokenizer, Tokens, tokens_from
 
 log = logging.getLogger("kvgate")
+
+PARSE_INLINE_MAX = 128 * 1024
+ROUTING_ERRORS = (CallError, BreakerOpen, Cancelled, TimeoutError)
 
 
 @dataclass
@@ -53,7 +58,7 @@ class Gateway:
             name: Cluster(c, self.health.is_healthy) for name, c in cfg.clusters.items()
         }
         self.counters = Counters()
-        self.session = make_session(kv)
+        self.pool = make_pool(kv)
         cb = kv.circuit_breaker
         self.tokenizer_breaker = CircuitBreaker(
             "tokenizer", cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls
@@ -62,12 +67,16 @@ class Gateway:
             "lmcache", cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls
         )
         self.tokenizer = Tokenizer(
-            HelperClient("tokenizer", kv.vllm_endpoint, self.session, self.tokenizer_breaker)
+            HelperClient("tokenizer", kv.vllm_endpoint, self.pool, self.tokenizer_breaker)
         )
         self.lmcache = LMCacheClient(
-            HelperClient("lmcache", kv.lmcache_endpoint, self.session, self.lmcache_breaker,
+            HelperClient("lmcache", kv.lmcache_endpoint, self.pool, self.lmcache_breaker,
                          kv.retry)
         )
+        self.aio_tokenizer = AsyncHelper("tokenizer", kv.vllm_endpoint, self.tokenizer_breaker,
+                                         kv.routing_workers)
+        self.aio_lmcache = AsyncHelper("lmcache", kv.lmcache_endpoint, self.lmcache_breaker,
+                                       kv.routing_workers)
         self.token_cache = TokenCache(kv.token_cache.enabled, kv.token_cache.capacity,
                                       kv.token_cache.ttl)
         self.hot = HotTracker(kv.hot_window, kv.hot_max_records, kv.hot_keys_cap)
@@ -92,43 +101,41 @@ class Gateway:
     def routing_budget(self) -> float:
         return min(self.kv.lookup_routing_timeout, self.kv.request_timeout)
 
-    def route(self, cluster_name: str, body: bytes) -> Routed:
-        """Parse and pick an endpoint, spending at most the routing budget on helpers."""
-        kv = self.kv
+    def prepare(self, cluster_name: str, body: bytes) -> Routed:
+        """Parse, count and find tokens we already have. Decided here only when unparsed."""
         self.load.record_request()
         try:
-            parsed = parse_body(body, kv.default_model)
+            parsed = parse_body(body, self.kv.default_model)
         except NotParsed as exc:
             self.counters.inc("requests.not_parsed")
             return Routed(self.balancer(cluster_name, routing.BALANCER, str(exc)))
         key = cache_key(parsed.model, parsed.key_text)
         self.hot.record(key)
-        routed = Routed(None, parsed=parsed, key=key, body=body)
-        deadline = Deadline(self.routing_budget)
-        tokens: Tokens | None = parsed.token_ids
-        if tokens is None:
-            tokens = self.token_cache.get(key)
-        if tokens is None and kv.route_on_miss:
-            try:
-                tokens = self.tokenizer.tokenize(body, deadline)
-                self.token_cache.put(key, tokens)
-                self.counters.inc("tokenize.routing_ok")
-            except (CallError, BreakerOpen, Cancelled) as exc:
-                self.counters.inc("tokenize.routing_failed")
-                routed.decision = self.balancer(cluster_name, routing.FALLBACK,
-                                                f"tokenize: {exc}")
-                return routed
+        tokens = parsed.token_ids if parsed.token_ids is not None else self.token_cache.get(key)
+        return Routed(None, parsed=parsed, key=key, body=body, tokens=tokens)
+
+    def _tokenized(self, routed: Routed, tokens: Tokens | None, exc: Exception | None,
+                   cluster_name: str) -> bool:
+        """Record a routing-path tokenize; False when routing has to fall back."""
+        if exc is not None:
+            self.counters.inc("tokenize.routing_failed")
+            routed.decision = self.balancer(cluster_name, routing.FALLBACK, f"tokenize: {exc}")
+            return False
+        assert tokens is not None
+        self.counters.inc("tokenize.routing_ok")
+        self.token_cache.put(routed.key, tokens)
         routed.tokens = tokens
-        if tokens is None:
-            routed.decision = self.balancer(cluster_name, routing.BALANCER, "token cache miss")
-            return routed
-        try:
-            placements = self.lmcache.lookup(tokens, deadline)
-            self.counters.inc("lookup.routing_ok")
-        except (CallError, BreakerOpen, Cancelled) as exc:
+        return True
+
+    def finish(self, cluster_name: str, routed: Routed, placements: list[Placement] | None,
+               exc: Exception | None) -> Routed:
+        """Turn a lookup answer (or its failure) into the decision."""
+        if exc is not None:
             self.counters.inc("lookup.routing_failed")
             routed.decision = self.balancer(cluster_name, routing.FALLBACK, f"lookup: {exc}")
             return routed
+        assert placements is not None
+        self.counters.inc("lookup.routing_ok")
         routed.placements = placements
         cluster = self.clusters[cluster_name]
         best = routing.longest_prefix(placements, cluster.endpoints, cluster.healthy,
@@ -140,6 +147,59 @@ class Gateway:
         self.counters.inc(f"routes.{routing.CACHE}")
         routed.decision = routing.RouteDecision(best[0], routing.CACHE, best[1])
         return routed
+
+    def _no_tokens(self, cluster_name: str, routed: Routed) -> Routed:
+        routed.decision = self.balancer(cluster_name, routing.BALANCER, "token cache miss")
+        return routed
+
+    def route(self, cluster_name: str, body: bytes) -> Routed:
+        """Blocking form of ``route_async`` (threads, tests): same steps, same budget."""
+        routed = self.prepare(cluster_name, body)
+        if routed.decision is not None:
+            return routed
+        deadline = Deadline(self.routing_budget)
+        if routed.tokens is None and self.kv.route_on_miss:
+            try:
+                tokens = self.tokenizer.tokenize(body, deadline)
+            except ROUTING_ERRORS as exc:
+                self._tokenized(routed, None, exc, cluster_name)
+                return routed
+            self._tokenized(routed, tokens, None, cluster_name)
+        if routed.tokens is None:
+            return self._no_tokens(cluster_name, routed)
+        try:
+            placements = self.lmcache.lookup(routed.tokens, deadline)
+        except ROUTING_ERRORS as exc:
+            return self.finish(cluster_name, routed, None, exc)
+        return self.finish(cluster_name, routed, placements, None)
+
+    async def route_async(self, cluster_name: str, body: bytes) -> Routed:
+        """Parse and pick an endpoint on the event loop, spending at most the routing budget."""
+        loop = asyncio.get_running_loop()
+        if len(body) > PARSE_INLINE_MAX:  # a big JSON parse would stall every other flow
+            routed = await loop.run_in_executor(self.routing_pool, self.prepare, cluster_name, body)
+        else:
+            routed = self.prepare(cluster_name, body)
+        if routed.decision is not None:
+            return routed
+        end = loop.time() + self.routing_budget
+        if routed.tokens is None and self.kv.route_on_miss:
+            try:
+                answer = await self.aio_tokenizer.post("/tokenize", body, end - loop.time())
+                tokens = tokens_from(answer)
+            except ROUTING_ERRORS as exc:
+                self._tokenized(routed, None, exc, cluster_name)
+                return routed
+            self._tokenized(routed, tokens, None, cluster_name)
+        if routed.tokens is None:
+            return self._no_tokens(cluster_name, routed)
+        try:
+            answer = await self.aio_lmcache.post(
+                "/lookup", lookup_body(routed.tokens), end - loop.time()
+            )
+        except ROUTING_ERRORS as exc:
+            return self.finish(cluster_name, routed, None, exc)
+        return self.finish(cluster_name, routed, parse_layout(answer), None)
 
     # ------------------------------------------------------------ background
 
@@ -167,9 +227,11 @@ class Gateway:
                 routed.placements = self.lmcache.lookup(tokens, deadline)
                 self.counters.inc("lookup.background_ok")
             deadline.check()
+            cs = self.kv.cache_strategy
+            needs_load = cs.enable_compression or cs.enable_eviction
             decision = strategy.decide(
-                self.kv.cache_strategy,
-                self.load.snapshot(),
+                cs,
+                self.load.snapshot() if needs_load else LoadMetrics(),
                 self.hot.is_hot(routed.key, self.kv.cache_strategy.hot_content_threshold),
             )
             if not decision.any:
@@ -211,4 +273,6 @@ class Gateway:
         self._closed.set()
         self.background.shutdown()
         self.routing_pool.shutdown(wait=False, cancel_futures=True)
-        self.session.close()
+        self.aio_tokenizer.close()
+        self.aio_lmcache.close()
+        self.pool.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -44,6 +45,10 @@ def parse_layout(answer: Any) -> list[Placement]:
             continue
         out.append(Placement(str(instance_id), str(location or ""), int(count)))
     return out
+
+
+def lookup_body(tokens: Sequence[int]) -> bytes:
+    return json.dumps({"tokens": list(tokens)}, separators=(",", ":")).encode()
 
 
 class LMCacheClient:

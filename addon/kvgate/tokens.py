@@ -61,7 +61,7 @@ class TokenCache:
         }
 
 
-def _tokens_from(answer: Any) -> Tokens:
+def tokens_from(answer: Any) -> Tokens:
     tokens = answer.get("tokens") if isinstance(answer, dict) else None
     if not isinstance(tokens, list) or not all(
         isinstance(t, int) and not isinstance(t, bool) for t in tokens
@@ -77,4 +77,4 @@ class Tokenizer:
         self.client = client
 
     def tokenize(self, raw_body: bytes, deadline: Deadline) -> Tokens:
-        return _tokens_from(self.client.post("/tokenize", None, deadline, raw=raw_body))
+        return tokens_from(self.client.post("/tokenize", None, deadline, raw=raw_body))

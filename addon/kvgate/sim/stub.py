@@ -57,6 +57,7 @@ def tokenize_request(body: dict[str, Any]) -> list[int]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # header and body go out in two writes
     server: _Server
 
     def log_message(self, *args: Any) -> None:

@@ -1,0 +1,216 @@
+"""Overhead of the kvgate addon against bare mitmdump, in one run, on loopback.
+
+Starts a fast engine and LMCache-API stand-in (kvgate.sim.fast) as their own
+processes, then for each case a fresh ``mitmdump --mode reverse`` (bare, or with the
+addon) and drives it with a small asyncio keep-alive HTTP/1.1 client. Prints a table.
+Run it through ``scripts/bench_overhead`` (which sets up the venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROMPTS = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} never opened")
+
+
+def start(args: list[str]) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def bodies() -> list[bytes]:
+    out = []
+    for i in range(PROMPTS):
+        prompt = f"conversation {i}: " + " ".join(f"word{(i * 7 + j) % 997}" for j in range(200))
+        out.append(json.dumps({"model": "bench", "prompt": prompt, "max_tokens": 8}).encode())
+    return out
+
+
+def request_bytes(body: bytes, port: int) -> bytes:
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def one_connection(port: int, reqs: list[bytes], stop_at: float, lat: list[float],
+                         offset: int) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    done = 0
+    i = offset
+    try:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            writer.write(reqs[i % len(reqs)])
+            i += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if length:
+                await reader.readexactly(length)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head.split(b"\r\n")[0].decode())
+            lat.append(time.perf_counter() - t0)
+            done += 1
+    finally:
+        writer.close()
+    return done
+
+
+async def drive(port: int, conns: int, seconds: float, warmup: float) -> tuple[float, list[float]]:
+    reqs = [request_bytes(b, port) for b in bodies()]
+    warm: list[float] = []
+    await asyncio.gather(*(one_connection(port, reqs, time.perf_counter() + warmup, warm, k * 5)
+                           for k in range(conns)))
+    lat: list[float] = []
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(
+        *(one_connection(port, reqs, t0 + seconds, lat, k * 5) for k in range(conns)))
+    elapsed = time.perf_counter() - t0
+    return sum(counts) / elapsed, lat
+
+
+@dataclass
+class Row:
+    case: str
+    conns: int
+    rps: float
+    p50: float
+    p99: float
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+def run_case(name: str, conns: int, backend: int, ctl_port: int | None, seconds: float,
+             tmp: Path, lookup_budget: str = "50ms") -> Row:
+    port = free_port()
+    args = [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
+            "--mode", f"reverse:http://127.0.0.1:{backend}", "--set", "flow_detail=0"]
+    if ctl_port is not None:
+        cfg = {
+            "kvcache": {
+                "vllm_endpoint": f"http://127.0.0.1:{backend}",
+                "lmcache_endpoint": f"http://127.0.0.1:{ctl_port}",
+                "lookup_routing_timeout": lookup_budget,
+            },
+            "clusters": [{"name": "bench", "endpoints": [
+                {"id": "engine-1", "socket_address": {"address": "127.0.0.1", "port": backend}}
+            ]}],
+        }
+        path = tmp / f"bench-{port}.json"
+        path.write_text(json.dumps(cfg))  # JSON is YAML
+        args += ["-s", str(ROOT / "addon" / "kvcache.py"), "--set", f"kvcache_config={path}"]
+    proc = start(args)
+    try:
+        wait_port(port)
+        time.sleep(1.0)  # let the script load
+        rps, lat = asyncio.run(drive(port, conns, seconds, warmup=1.0))
+    finally:
+        stop(proc)
+    return Row(name, conns, rps, pct(lat, 0.5), pct(lat, 0.99))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per case")
+    ap.add_argument("--lookup-ms", type=float, default=40.0, help="slow-lookup delay")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+
+    backend, fast_ctl, slow_ctl = free_port(), free_port(), free_port()
+    fast = [sys.executable, "-m", "kvgate.sim.fast"]
+    procs = [
+        start(fast + ["engine", "--port", str(backend)]),
+        start(fast + ["controller", "--port", str(fast_ctl)]),
+        start(fast + ["controller", "--port", str(slow_ctl), "--delay",
+                      str(args.lookup_ms / 1000)]),
+    ]
+    rows: list[Row] = []
+    try:
+        for p in (backend, fast_ctl, slow_ctl):
+            wait_port(p)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = Path(tmp)
+            for conns in (1, 16):
+                rows.append(run_case("bare mitmdump", conns, backend, None, args.seconds, t))
+                rows.append(run_case("mitmdump + kvgate", conns, backend, fast_ctl,
+                                     args.seconds, t))
+            rows.append(run_case(f"+ kvgate, lookups {args.lookup_ms:g} ms", 32, backend,
+                                 slow_ctl, args.seconds, t, lookup_budget="200ms"))
+    finally:
+        for p in procs:
+            stop(p)
+
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, {args.seconds:g} s per case\n")
+    print("| case | connections | req/s | p50 ms | p99 ms |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r.case} | {r.conns} | {r.rps:.0f} | {r.p50:.2f} | {r.p99:.2f} |")
+    by = {(r.case, r.conns): r for r in rows}
+    print()
+    for conns in (1, 16):
+        bare, addon = by[("bare mitmdump", conns)], by[("mitmdump + kvgate", conns)]
+        print(f"{conns:>2} conn: throughput ratio {addon.rps / bare.rps:.2f} (target >= 0.90), "
+              f"p50 added {addon.p50 - bare.p50:+.2f} ms"
+              + (" (target <= 1 ms)" if conns == 1 else ""))
+    slow = rows[-1]
+    backend_ms = by[("bare mitmdump", 1)].p50
+    bound = 32 / ((args.lookup_ms + backend_ms) / 1000)
+    print(f"slow lookups: {slow.rps:.0f} req/s = {slow.rps / bound:.2f} x the bound "
+          f"32 / ({args.lookup_ms:g} ms + {backend_ms:.2f} ms) = {bound:.0f} (target >= 0.80)")
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    print(f"p50 over all addon cases: {statistics.median([r.p50 for r in rows]):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
