@@ -207,6 +207,10 @@ class Gateway:
         """Queue cache management for a parsed request; never blocks, drops when full."""
         if routed.parsed is None or self._closed.is_set():
             return False
+        cs = self.kv.cache_strategy
+        acting = cs.enable_compression or cs.enable_pinning or cs.enable_eviction
+        if not acting and routed.tokens is not None:
+            return False  # tokens cached, no action can follow: nothing left to do
         ok = self.background.submit(lambda: self.manage_cache(routed, cancel))
         if not ok:
             self.counters.inc("background.dropped")
