@@ -10,6 +10,7 @@ than any backoff), the same breaker and answer rules as the threaded client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +20,10 @@ from .breaker import BreakerOpen, CircuitBreaker
 from .client import CallError, decode_answer, guarded
 
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter, h11.Connection]
+
+
+class _StaleConnection(ConnectionError):
+    """A reused connection was closed by the helper before it answered."""
 
 
 class AsyncHelper:
@@ -36,21 +41,31 @@ class AsyncHelper:
         self._idle: list[_Conn] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def _connect(self) -> _Conn:
+    async def _connect(self, fresh: bool) -> tuple[_Conn, bool]:
+        """An idle keep-alive connection (reused=True) or a new one."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # connections belong to one loop
-            self._idle.clear()
+            self.close()
             self._loop = loop
-        while self._idle:
+        while self._idle and not fresh:
             reader, writer, conn = self._idle.pop()
             if not writer.is_closing() and not reader.at_eof():
-                return reader, writer, conn
+                return (reader, writer, conn), True
             writer.close()
         reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls or None)
-        return reader, writer, h11.Connection(h11.CLIENT)
+        return (reader, writer, h11.Connection(h11.CLIENT)), False
 
-    async def _exchange(self, path: str, body: bytes) -> tuple[int, bytes, _Conn]:
-        reader, writer, conn = c = await self._connect()
+    async def _exchange_once(self, path: str, body: bytes) -> tuple[int, bytes, _Conn]:
+        try:
+            return await self._exchange(path, body, fresh=False)
+        except _StaleConnection:
+            # The helper closed an idle keep-alive connection: one retry on a new one.
+            return await self._exchange(path, body, fresh=True)
+
+    async def _exchange(self, path: str, body: bytes, fresh: bool) -> tuple[int, bytes, _Conn]:
+        c, reused = await self._connect(fresh)
+        reader, writer, conn = c
+        status = 0
         try:
             headers = [
                 ("host", self.host_header),
@@ -62,12 +77,14 @@ class AsyncHelper:
                 + conn.send(h11.Data(data=body))
                 + conn.send(h11.EndOfMessage())
             )
-            status = 0
             chunks: list[bytes] = []
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(65536))
+                    data = await reader.read(65536)
+                    if not data and reused and not status:
+                        raise _StaleConnection
+                    conn.receive_data(data)
                 elif isinstance(event, h11.Response):
                     status = event.status_code
                 elif isinstance(event, h11.Data):
@@ -76,6 +93,14 @@ class AsyncHelper:
                     return status, b"".join(chunks), c
                 elif isinstance(event, h11.ConnectionClosed):
                     raise ConnectionError("closed before the answer ended")
+        except _StaleConnection:
+            writer.close()
+            raise
+        except OSError as exc:  # includes ConnectionError: reset, broken pipe
+            writer.close()
+            if reused and not status:
+                raise _StaleConnection from exc
+            raise
         except BaseException:
             writer.close()
             raise
@@ -97,7 +122,7 @@ class AsyncHelper:
             raise BreakerOpen(f"{self.name} circuit breaker open")
         try:
             async with asyncio.timeout(timeout):
-                status, data, c = await self._exchange(path, body)
+                status, data, c = await self._exchange_once(path, body)
             self._release(c)
             result = decode_answer(self.name, path, status, data)
         except TimeoutError:
@@ -118,6 +143,7 @@ class AsyncHelper:
         return result
 
     def close(self) -> None:
-        for _, writer, _ in self._idle:
-            writer.close()
-        self._idle.clear()
+        idle, self._idle = self._idle, []
+        for _, writer, _ in idle:
+            with contextlib.suppress(RuntimeError):  # its event loop has already ended
+                writer.close()

@@ -41,9 +41,13 @@ def parse_duration(value: object) -> float:
     if text == "0":
         return 0.0
     try:
-        return sign * float(text)
+        number = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(number):
+            raise ValueError("duration must be finite")
+        return sign * number
     pos = 0
     total = 0.0
     for match in _PART.finditer(text):

@@ -19,6 +19,7 @@ from unit_support import (
     ScriptedController,
     gateway_doc,
     make_transport,
+    quiet,
     stop_soon,
 )
 
@@ -32,6 +33,7 @@ def clock() -> FakeClock:
 def engine() -> Iterator[RawEngine]:
     eng = RawEngine("vllm-1")
     eng.url = f"http://127.0.0.1:{eng.start()}"
+    quiet(eng)
     yield eng
     stop_soon(eng)
 
@@ -40,6 +42,7 @@ def engine() -> Iterator[RawEngine]:
 def controller() -> Iterator[ScriptedController]:
     ctl = ScriptedController()
     ctl.url = f"http://127.0.0.1:{ctl.start()}"
+    quiet(ctl)
     yield ctl
     stop_soon(ctl)
 

@@ -52,15 +52,17 @@ def test_garbage_is_refused(garbage: object) -> None:
         parse_duration(garbage)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_duration falls back to float() for strings, so 'nan'/'inf' are "
-    "accepted as non-finite durations (numbers are checked with isfinite, strings are not)",
-)
-@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "Infinity"])
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "Infinity", "+nan"])
 def test_non_finite_duration_strings_are_refused(text: str) -> None:
+    """Regression: strings went through float() unchecked, so 'nan' became a timeout."""
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_non_finite_duration_in_config_names_the_field() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_kvcache({"request_timeout": "nan"})
+    assert info.value.field == "request_timeout"
 
 
 def test_duration_fields_in_config_parse_go_strings() -> None:

@@ -55,6 +55,8 @@ class ScriptedController(StubController):
         self.layout: dict[str, int] | None = None
         self.has_evict = False
         self.url = ""
+        self.peers: list[int] = []  # client port of each call: one per connection used
+        self.handlers: list[Any] = []  # the request handler of each call (its socket)
 
     def matched(self, query: list[int]) -> dict[str, int]:
         if self.layout is not None:
@@ -63,6 +65,8 @@ class ScriptedController(StubController):
 
     def serve(self, h: Any, method: str, path: str, body: Any, raw: bytes) -> None:
         with self.lock:
+            self.peers.append(h.client_address[1])
+            self.handlers.append(h)
             queue = self.script.get(path)
             status = queue.pop(0) if queue else 0
         if status:
@@ -100,10 +104,15 @@ def stop_soon(app: StubApp) -> None:
     threading.Thread(target=app.stop, daemon=True).start()
 
 
+def quiet(app: StubApp) -> None:
+    """No tracebacks on stderr when a client gave up before the stub answered."""
+    assert app.httpd is not None
+    app.httpd.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
+
+
 def make_transport(cfg: KVCacheConfig | None = None) -> Any:
-    """The gateway's own HTTP transport factory (a urllib3 pool or a requests session)."""
-    factory = getattr(kvclient, "make_pool", None) or kvclient.make_session
-    return factory(cfg or KVCacheConfig())
+    """The HTTP transport the gateway gives its HelperClients."""
+    return kvclient.make_pool(cfg or KVCacheConfig())
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
