@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,27 +15,13 @@ from typing import Any
 import requests
 import yaml
 
+from kvgate.sim.ports import free_port, wait_port  # noqa: F401  (re-exported)
 from kvgate.sim.stub import StubController, StubEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 ADDON = ROOT / "addon" / "kvcache.py"
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
 
 
 @dataclass
