@@ -32,6 +32,22 @@ def _unparseable(gw: Gateway, req: http.Request) -> str | None:
     return None
 
 
+_CONNECT_FAILURES = (
+    "connect call failed",  # asyncio: [Errno 111] Connect call failed ('127.0.0.1', 9)
+    "cannot connect",
+    "connection refused",
+    "unreachable",
+    "name or service not known",
+    "nodename nor servname",
+)
+
+
+def _is_connect_failure(msg: str) -> bool:
+    """mitmproxy's words for an upstream that could not be reached (not kills, not resets)."""
+    msg = msg.lower()
+    return any(mark in msg for mark in _CONNECT_FAILURES)
+
+
 class KVCacheAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
@@ -62,7 +78,10 @@ class KVCacheAddon:
             return
         try:
             cfg = config.load(path)
-        except config.ConfigError as exc:
+        except Exception as exc:  # ConfigError, or a shape the checks did not foresee
+            if not isinstance(exc, config.ConfigError):
+                exc = config.ConfigError("kvcache_config", path,
+                                         f"cannot be used ({type(exc).__name__})")
             if self._running:
                 # mitmproxy rolls the option back: the previous config stays in force.
                 raise exceptions.OptionsError(str(exc)) from None
@@ -208,13 +227,17 @@ class KVCacheAddon:
                 cancel.set()
             meta = flow.metadata.get(META)
             gw = self.gateway
-            if meta and gw is not None and flow.response is None and flow.error is not None:
-                msg = flow.error.msg.lower()
-                if "connect" in msg and "client" not in msg:
-                    gw.health.mark_down(meta["endpoint"])
-                    gw.counters.inc("health.ejections")
-                    log.warning("[kvcache] endpoint %s ejected: %s", meta["endpoint"],
-                                flow.error.msg)
+            if (
+                meta
+                and gw is not None
+                and flow.response is None
+                and flow.error is not None
+                and _is_connect_failure(flow.error.msg)
+            ):
+                gw.health.mark_down(meta["endpoint"])
+                gw.counters.inc("health.ejections")
+                log.warning("[kvcache] endpoint %s ejected: %s", meta["endpoint"],
+                            flow.error.msg)
             self._finish(flow)
         except Exception:
             log.exception("[kvcache] error hook error")

@@ -64,8 +64,9 @@ def decode_answer(name: str, path: str, status: int, data: bytes) -> Any:
     if status in (404, 405):
         raise Unsupported(f"{name} {path}: status {status}", status)
     if not 200 <= status < 300:
+        # The answer body is left out: a 4xx from vLLM may echo the prompt.
         raise CallError(
-            f"{name} {path}: status {status}: {data[:200]!r}",
+            f"{name} {path}: status {status}",
             status=status,
             retryable=status >= 500,
         )
@@ -119,6 +120,7 @@ class HelperClient:
                 body=body,
                 headers=_HEADERS,
                 timeout=urllib3.Timeout(total=timeout),
+                pool_timeout=timeout,  # waiting for a capped pool counts against the deadline
                 retries=False,
                 redirect=False,
             )

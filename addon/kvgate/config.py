@@ -429,7 +429,7 @@ def build_routes(raw: Any, clusters: dict[str, ClusterConfig], path: str) -> lis
             raise ConfigError(f"{rpath}.prefix", prefix, "must be a path prefix starting with /")
         if cluster is None and len(clusters) == 1:
             cluster = next(iter(clusters))
-        if cluster not in clusters:
+        if not isinstance(cluster, str) or cluster not in clusters:
             raise ConfigError(f"{rpath}.cluster", cluster,
                               f"names no cluster (have: {', '.join(clusters)})")
         routes.append(Route(prefix=prefix, cluster=cluster))
@@ -505,7 +505,7 @@ def from_mapping(doc: Any, source: str = "") -> GatewayConfig:
             return GatewayConfig(kv, clusters, routes, source)
         raise ConfigError("listeners", "...", f"no filter chain holds {FILTER_NAME}")
     raise ConfigError(
-        "config", sorted(doc)[:5],
+        "config", sorted(map(str, doc))[:5],
         "unknown shape: expected 'kvcache', 'http_filters' or Pixiu 'listeners' at the top",
     )
 
@@ -520,6 +520,8 @@ def load(path: str) -> GatewayConfig:
         raise ConfigError("kvcache_config", path, "no such file") from None
     except OSError as exc:
         raise ConfigError("kvcache_config", path, f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("kvcache_config", path, "not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -112,7 +112,9 @@ class Gateway:
         key = cache_key(parsed.model, parsed.key_text)
         self.hot.record(key)
         tokens = parsed.token_ids if parsed.token_ids is not None else self.token_cache.get(key)
-        return Routed(None, parsed=parsed, key=key, body=body, tokens=tokens)
+        # the body is kept only while it may still be needed for /tokenize
+        return Routed(None, parsed=parsed, key=key, body=body if tokens is None else b"",
+                      tokens=tokens)
 
     def _tokenized(self, routed: Routed, tokens: Tokens | None, exc: Exception | None,
                    cluster_name: str) -> bool:
@@ -177,7 +179,13 @@ class Gateway:
         """Parse and pick an endpoint on the event loop, spending at most the routing budget."""
         loop = asyncio.get_running_loop()
         if len(body) > PARSE_INLINE_MAX:  # a big JSON parse would stall every other flow
-            routed = await loop.run_in_executor(self.routing_pool, self.prepare, cluster_name, body)
+            try:
+                routed = await asyncio.wait_for(
+                    loop.run_in_executor(self.routing_pool, self.prepare, cluster_name, body),
+                    self.routing_budget,
+                )
+            except TimeoutError:
+                return Routed(self.balancer(cluster_name, routing.FALLBACK, "parse budget"))
         else:
             routed = self.prepare(cluster_name, body)
         if routed.decision is not None:
@@ -211,14 +219,19 @@ class Gateway:
         acting = cs.enable_compression or cs.enable_pinning or cs.enable_eviction
         if not acting and routed.tokens is not None:
             return False  # tokens cached, no action can follow: nothing left to do
-        ok = self.background.submit(lambda: self.manage_cache(routed, cancel))
+        if not acting and not self.token_cache.enabled:
+            return False  # tokens could be neither used nor kept
+        deadline = Deadline(self.kv.request_timeout, cancel)  # from now: queueing counts
+        ok = self.background.submit(lambda: self.manage_cache(routed, cancel, deadline))
         if not ok:
             self.counters.inc("background.dropped")
         return ok
 
-    def manage_cache(self, routed: Routed, cancel: threading.Event) -> list[strategy.ActionResult]:
+    def manage_cache(self, routed: Routed, cancel: threading.Event,
+                     deadline: Deadline | None = None) -> list[strategy.ActionResult]:
         """Tokenize, look up if routing did not, decide, execute; bounded by request_timeout."""
-        deadline = Deadline(self.kv.request_timeout, cancel)
+        if deadline is None:
+            deadline = Deadline(self.kv.request_timeout, cancel)
         try:
             tokens = routed.tokens
             if tokens is None:
@@ -276,7 +289,7 @@ class Gateway:
     def close(self) -> None:
         self._closed.set()
         self.background.shutdown()
-        self.routing_pool.shutdown(wait=False, cancel_futures=True)
+        self.routing_pool.shutdown(wait=False)  # queued parses finish; no flow sees a cancel
         self.aio_tokenizer.close()
         self.aio_lmcache.close()
         self.pool.clear()

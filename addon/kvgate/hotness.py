@@ -64,9 +64,11 @@ class HotTracker:
             times.append(now)
             self._trim(times, now)
             if self.max_keys and len(self._keys) > self.max_keys:
-                self._sweep(now)  # drop expired keys first, as the seed does
+                # Keys are in least-recently-seen order: the oldest is either expired
+                # (the seed drops those first) or the least recently seen (dropped next),
+                # so popping from the front does both without a full sweep.
                 while len(self._keys) > self.max_keys:
-                    self._keys.popitem(last=False)  # then the least recently seen
+                    self._keys.popitem(last=False)
 
     def count(self, key: str) -> int:
         now = self._clock()
