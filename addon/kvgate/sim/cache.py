@@ -1,0 +1,163 @@
+"""An engine's KV cache, modelled: a GPU prefix cache and an LMCache CPU tier.
+
+GPU: blocks of 16 tokens keyed by the hash of the whole prefix up to them (vLLM's prefix
+caching), LRU, a capacity in tokens. CPU tier: chunks of 256 tokens (the last partial
+chunk included, as LMCache stores it), keyed the same way, LRU with pinning, its own
+capacity. Pure Python, no clock: the engine server adds time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+BLOCK = 16
+CHUNK = 256
+
+ChunkKey = int
+Hasher = Callable[[Sequence[int]], list[tuple[int, int, ChunkKey]]]
+
+
+def chain_keys(tokens: Sequence[int], size: int) -> list[tuple[int, int, int]]:
+    """(start, end, key) per piece of ``size`` tokens; each key covers the whole prefix."""
+    out = []
+    h = hashlib.blake2b(digest_size=8)
+    for start in range(0, len(tokens), size):
+        piece = tokens[start:start + size]
+        h.update(b"|".join(str(t).encode() for t in piece) + b";")
+        out.append((start, start + len(piece), int.from_bytes(h.copy().digest(), "big")))
+    return out
+
+
+def chunk_keys(tokens: Sequence[int]) -> list[tuple[int, int, ChunkKey]]:
+    return chain_keys(tokens, CHUNK)
+
+
+@dataclass
+class Admission:
+    """What one request did to the cache, for usage, metrics and controller reports."""
+
+    gpu_hit: int = 0
+    cpu_hit: int = 0
+    admitted: list[tuple[ChunkKey, int]] = field(default_factory=list)  # (key, tokens)
+    evicted: list[ChunkKey] = field(default_factory=list)
+
+    @property
+    def cached(self) -> int:
+        return self.gpu_hit + self.cpu_hit
+
+
+class KVCacheModel:
+    def __init__(self, gpu_tokens: int, cpu_tokens: int, hasher: Hasher = chunk_keys) -> None:
+        self.gpu_capacity = max(BLOCK, gpu_tokens)
+        self.cpu_capacity = max(0, cpu_tokens)
+        self.hasher = hasher
+        self.gpu: OrderedDict[int, int] = OrderedDict()  # block key -> tokens
+        self.cpu: OrderedDict[ChunkKey, int] = OrderedDict()  # chunk key -> tokens
+        self.pinned: set[ChunkKey] = set()
+        self.compressed: set[ChunkKey] = set()
+        self.gpu_used = 0
+        self.cpu_used = 0
+
+    # ------------------------------------------------------------ lookups
+
+    def gpu_prefix(self, tokens: Sequence[int]) -> int:
+        hit = 0
+        for _, end, key in chain_keys(tokens, BLOCK):
+            if end - hit < BLOCK or key not in self.gpu:  # only full blocks are cached
+                break
+            hit = end
+        return hit
+
+    def cpu_prefix(self, tokens: Sequence[int]) -> int:
+        hit = 0
+        for _, end, key in self.hasher(tokens):
+            if key not in self.cpu:
+                break
+            hit = end
+        return hit
+
+    @property
+    def gpu_usage(self) -> float:
+        return self.gpu_used / self.gpu_capacity
+
+    # ------------------------------------------------------------ serving
+
+    def serve(self, tokens: Sequence[int]) -> Admission:
+        """Account one prefill: hits first, then store what was computed or loaded."""
+        gpu_hit = self.gpu_prefix(tokens)
+        cpu_hit = max(0, self.cpu_prefix(tokens) - gpu_hit)
+        adm = Admission(gpu_hit=gpu_hit, cpu_hit=cpu_hit)
+        for _, end, key in chain_keys(tokens, BLOCK):
+            if end % BLOCK:
+                break
+            if key in self.gpu:
+                self.gpu.move_to_end(key)
+            else:
+                self.gpu[key] = BLOCK
+                self.gpu_used += BLOCK
+        while self.gpu_used > self.gpu_capacity and self.gpu:
+            _, n = self.gpu.popitem(last=False)
+            self.gpu_used -= n
+        if self.cpu_capacity:
+            for start, end, key in self.hasher(tokens):
+                if key in self.cpu:
+                    self.cpu.move_to_end(key)
+                    continue
+                self.cpu[key] = end - start
+                self.cpu_used += end - start
+                adm.admitted.append((key, end - start))
+            adm.evicted = self._evict_cpu()
+        return adm
+
+    def _evict_cpu(self) -> list[ChunkKey]:
+        evicted: list[ChunkKey] = []
+        for key in list(self.cpu):
+            if self.cpu_used <= self.cpu_capacity:
+                break
+            if key in self.pinned:
+                continue
+            self.cpu_used -= self.cpu.pop(key)
+            self.compressed.discard(key)
+            evicted.append(key)
+        return evicted
+
+    # ------------------------------------------------------------ controller actions
+
+    def _held(self, tokens: Sequence[int]) -> list[tuple[ChunkKey, int]]:
+        return [(key, end - start) for start, end, key in self.hasher(tokens) if key in self.cpu]
+
+    def pin(self, tokens: Sequence[int]) -> int:
+        held = self._held(tokens)
+        self.pinned.update(k for k, _ in held)
+        return sum(n for _, n in held)
+
+    def compress(self, tokens: Sequence[int]) -> int:
+        held = self._held(tokens)
+        self.compressed.update(k for k, _ in held)
+        return sum(n for _, n in held)
+
+    def decompress(self, tokens: Sequence[int]) -> int:
+        held = self._held(tokens)
+        self.compressed.difference_update(k for k, _ in held)
+        return sum(n for _, n in held)
+
+    def drop(self, tokens: Sequence[int]) -> list[ChunkKey]:
+        """Remove these tokens' chunks (a move away, an evict)."""
+        gone = []
+        for key, n in self._held(tokens):
+            self.cpu.pop(key)
+            self.cpu_used -= n
+            self.pinned.discard(key)
+            self.compressed.discard(key)
+            gone.append(key)
+        return gone
+
+    def clear(self) -> list[ChunkKey]:
+        gone = [k for k in self.cpu if k not in self.pinned]
+        for key in gone:
+            self.cpu_used -= self.cpu.pop(key)
+            self.compressed.discard(key)
+        return gone
