@@ -146,7 +146,11 @@ class SimEngine(StubApp):
             self._account(adm, len(tokens))
             uncached = len(tokens) - adm.cached
             self._sleep(uncached * self.p.prefill_ms + adm.cpu_hit * self.p.load_ms)
-            self._record_ttft(time.monotonic() - arrived)
+            ttft = time.monotonic() - arrived
+            self._record_ttft(ttft)
+            # the model's own clock, unscaled: what a real engine's TTFT would have been
+            hdrs = {**hdrs, "x-sim-ttft-ms": f"{ttft * 1000 / self.p.time_scale:.3f}",
+                    "x-sim-cached-tokens": str(adm.cached)}
             n_out = body.get("max_tokens") or body.get("max_completion_tokens") or self.p.max_output
             n_out = max(1, min(int(n_out) if isinstance(n_out, int) else self.p.max_output,
                                self.p.max_output))
@@ -254,6 +258,18 @@ class SimEngine(StubApp):
                          f"{self.ttft_n}")
             lines.append(f"vllm:time_to_first_token_seconds_sum{{{m}}} {self.ttft_sum}")
             lines.append(f"vllm:time_to_first_token_seconds_count{{{m}}} {self.ttft_n}")
+        with self.cache_lock:
+            pinned = sum(self.cache.cpu.get(k, 0) for k in self.cache.pinned)
+            compressed = sum(self.cache.cpu.get(k, 0) for k in self.cache.compressed)
+            cpu_used = self.cache.cpu_used
+        lines += [
+            "# TYPE kvgate_sim:cpu_tier_tokens gauge",
+            f"kvgate_sim:cpu_tier_tokens{{{m}}} {cpu_used}",
+            "# TYPE kvgate_sim:pinned_tokens gauge",
+            f"kvgate_sim:pinned_tokens{{{m}}} {pinned}",
+            "# TYPE kvgate_sim:compressed_tokens gauge",
+            f"kvgate_sim:compressed_tokens{{{m}}} {compressed}",
+        ]
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------ controller actions
