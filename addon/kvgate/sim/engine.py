@@ -137,6 +137,7 @@ class SimEngine(StubApp):
         with self.lock:
             self.waiting += 1
         self.slots.acquire()
+        queued = time.monotonic() - arrived
         with self.lock:
             self.waiting -= 1
             self.running += 1
@@ -145,11 +146,13 @@ class SimEngine(StubApp):
                 adm = self.cache.serve(tokens)
             self._account(adm, len(tokens))
             uncached = len(tokens) - adm.cached
-            self._sleep(uncached * self.p.prefill_ms + adm.cpu_hit * self.p.load_ms)
-            ttft = time.monotonic() - arrived
-            self._record_ttft(ttft)
-            # the model's own clock, unscaled: what a real engine's TTFT would have been
-            hdrs = {**hdrs, "x-sim-ttft-ms": f"{ttft * 1000 / self.p.time_scale:.3f}",
+            prefill_ms = uncached * self.p.prefill_ms + adm.cpu_hit * self.p.load_ms
+            self._sleep(prefill_ms)
+            # TTFT on the model's own clock (unscaled): queueing plus prefill
+            scale = self.p.time_scale
+            ttft_ms = (queued * 1000 / scale if scale > 0 else 0.0) + prefill_ms
+            self._record_ttft(ttft_ms / 1000)
+            hdrs = {**hdrs, "x-sim-ttft-ms": f"{ttft_ms:.3f}",
                     "x-sim-cached-tokens": str(adm.cached)}
             n_out = body.get("max_tokens") or body.get("max_completion_tokens") or self.p.max_output
             n_out = max(1, min(int(n_out) if isinstance(n_out, int) else self.p.max_output,
