@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import threading
 import time
 import zlib
@@ -92,6 +93,11 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], app: StubApp) -> None:
         super().__init__(addr, _Handler)
         self.app = app
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client went away mid-answer: normal for streams and interrupts
+        super().handle_error(request, client_address)
 
 
 class StubApp:
