@@ -22,6 +22,7 @@ from .durations import parse_duration
 log = logging.getLogger("kvgate")
 
 FILTER_NAME = "dgp.filter.ai.kvcache"
+POLICIES = ("kvgate", "longest_prefix", "round_robin")
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 # The seed lets 0 mean "unbounded"; kvgate keeps every per-request structure bounded.
 DEFAULT_TOKEN_CACHE_CAP = 10_000
@@ -110,6 +111,15 @@ class KVCacheConfig:
     background_workers: int = 4
     background_queue: int = 256
     virtual_hosts: list[str] = field(default_factory=list)
+    # routing model (README "Routing"): predicted TTFT = uncached * prefill_ms +
+    # cached * load_ms + requests ahead * queue_ms
+    policy: str = "kvgate"  # kvgate | longest_prefix (the seed's rule) | round_robin
+    prefill_ms: float = 0.07
+    load_ms: float = 0.007
+    queue_ms: float = 40.0
+    health_check_interval: float = 0.5  # active GET /health per endpoint; 0 = off
+    metrics_interval: float = 1.0  # GET /metrics per endpoint (queue, KV usage); 0 = off
+    prefix_index_size: int = 100_000  # remembered prompt prefixes for routing without LMCache
 
     @property
     def hot_keys_cap(self) -> int:
@@ -214,6 +224,8 @@ _READERS = {
 }
 
 _DURATIONS = {
+    "health_check_interval",
+    "metrics_interval",
     "request_timeout",
     "lookup_routing_timeout",
     "hot_window",
@@ -295,6 +307,15 @@ def validate(cfg: KVCacheConfig) -> None:
     ):
         if not 1 <= value <= 1024:
             raise ConfigError(path, value, "must be between 1 and 1024")
+    if cfg.policy not in POLICIES:
+        raise ConfigError("policy", cfg.policy, f"must be one of {', '.join(POLICIES)}")
+    for path, value in (("prefill_ms", cfg.prefill_ms), ("load_ms", cfg.load_ms),
+                        ("queue_ms", cfg.queue_ms),
+                        ("health_check_interval", cfg.health_check_interval),
+                        ("metrics_interval", cfg.metrics_interval),
+                        ("prefix_index_size", cfg.prefix_index_size)):
+        if value < 0:
+            raise ConfigError(path, value, "must be >= 0")
     if not 0 <= cfg.background_queue <= 1_000_000:
         raise ConfigError("background_queue", cfg.background_queue, "must be 0..1000000")
     if not cfg.enabled:

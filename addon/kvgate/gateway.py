@@ -21,12 +21,13 @@ from .client import CallError, HelperClient, Unsupported, make_pool
 from .cluster import Cluster
 from .config import GatewayConfig, Route
 from .deadline import Cancelled, Deadline
-from .health import HealthBook
+from .health import EngineMonitor, HealthBook
 from .hotness import HotTracker
 from .lmcache import LMCacheClient, Placement, lookup_body, parse_layout
 from .load import LoadMetrics, LoadMonitor
 from .metrics import Counters
 from .parsing import NotParsed, ParsedRequest, cache_key, parse_body
+from .prefix_index import PrefixIndex
 from .tokens import TokenCache, Tokenizer, Tokens, tokens_from
 
 log = logging.getLogger("kvgate")
@@ -84,6 +85,14 @@ class Gateway:
         self.routing_pool = ThreadPoolExecutor(
             max_workers=kv.routing_workers, thread_name_prefix="kvgate-route"
         )
+        self.cost_model = routing.CostModel(kv.prefill_ms, kv.load_ms, kv.queue_ms)
+        self.prefix_index = PrefixIndex(kv.prefix_index_size)
+        self.monitor = EngineMonitor(
+            [ep for c in cfg.clusters.values() for ep in c.endpoints], self.health,
+            kv.health_check_interval if kv.enabled else 0.0,
+            kv.metrics_interval if kv.enabled else 0.0,
+        )
+        self.monitor.start()
         self.background = BoundedPool("kvgate-bg", kv.background_workers, kv.background_queue)
         self._closed = threading.Event()
 
@@ -121,7 +130,7 @@ class Gateway:
         """Record a routing-path tokenize; False when routing has to fall back."""
         if exc is not None:
             self.counters.inc("tokenize.routing_failed")
-            routed.decision = self.balancer(cluster_name, routing.FALLBACK, f"tokenize: {exc}")
+            routed.decision = self.fallback(cluster_name, routed, f"tokenize: {exc}")
             return False
         assert tokens is not None
         self.counters.inc("tokenize.routing_ok")
@@ -131,28 +140,83 @@ class Gateway:
 
     def finish(self, cluster_name: str, routed: Routed, placements: list[Placement] | None,
                exc: Exception | None) -> Routed:
-        """Turn a lookup answer (or its failure) into the decision."""
+        """Turn a lookup answer (or its failure) into the decision, by the configured policy."""
         if exc is not None:
             self.counters.inc("lookup.routing_failed")
-            routed.decision = self.balancer(cluster_name, routing.FALLBACK, f"lookup: {exc}")
-            return routed
+            routed.decision = self.fallback(cluster_name, routed, f"lookup: {exc}")
+            return self._remember(routed)
         assert placements is not None
         self.counters.inc("lookup.routing_ok")
         routed.placements = placements
         cluster = self.clusters[cluster_name]
-        best = routing.longest_prefix(placements, cluster.endpoints, cluster.healthy,
-                                      cluster.inflight)
-        if best is None:
-            detail = "no cached prefix" if not placements else "holder unknown or unhealthy"
-            routed.decision = self.balancer(cluster_name, routing.BALANCER, detail)
-            return routed
-        self.counters.inc(f"routes.{routing.CACHE}")
-        routed.decision = routing.RouteDecision(best[0], routing.CACHE, best[1])
+        policy = self.kv.policy
+        if policy == "round_robin":
+            routed.decision = self.balancer(cluster_name, routing.BALANCER, "policy")
+            return self._remember(routed)
+        if policy == "longest_prefix":
+            best = routing.longest_prefix(placements, cluster.endpoints, cluster.healthy,
+                                          cluster.inflight)
+            if best is None:
+                detail = "no cached prefix" if not placements else "holder unknown or unhealthy"
+                routed.decision = self.balancer(cluster_name, routing.BALANCER, detail)
+            else:
+                self.counters.inc(f"routes.{routing.CACHE}")
+                routed.decision = routing.RouteDecision(best[0], routing.CACHE, best[1])
+            return self._remember(routed)
+        n_tokens = len(routed.tokens or ())
+        ahead = self.ahead(cluster)
+        pick = routing.cheapest(n_tokens, placements, cluster.endpoints, cluster.healthy,
+                                ahead, self.cost_model)
+        if pick is None:  # nothing healthy: the balancer still tries someone
+            routed.decision = self.balancer(cluster_name, routing.BALANCER, "none healthy")
+            return self._remember(routed)
+        ep, matched, cost = pick
+        if matched > 0:
+            self.counters.inc(f"routes.{routing.CACHE}")
+            routed.decision = routing.RouteDecision(ep, routing.CACHE, matched,
+                                                    f"predicted ttft {cost:.0f} ms")
+            return self._remember(routed)
+        # Nothing cached anywhere worth it: spread by rotation among the least loaded.
+        rr = cluster.round_robin()
+        if self.cost_model.ttft(n_tokens, 0, ahead.get(rr.id, 0.0)) <= cost + 1e-6:
+            ep = rr
+        self.counters.inc(f"routes.{routing.BALANCER}")
+        detail = "no cached prefix" if not placements else "holder unknown or unhealthy"
+        routed.decision = routing.RouteDecision(ep, routing.BALANCER, 0, detail)
+        return self._remember(routed)
+
+    def ahead(self, cluster: Cluster) -> dict[str, float]:
+        """Requests ahead of a new one per endpoint: ours in flight plus the engine's queue."""
+        out: dict[str, float] = {}
+        max_age = max(3 * self.kv.metrics_interval, 1.0)
+        for ep in cluster.endpoints:
+            n = float(cluster.inflight.get(ep.id, 0))
+            stats = self.monitor.fresh(ep.id, max_age)
+            if stats is not None:
+                n += stats.waiting
+            out[ep.id] = n
+        return out
+
+    def fallback(self, cluster_name: str, routed: Routed, why: str) -> routing.RouteDecision:
+        """Without LMCache: the endpoint that last served this prompt's longest known prefix."""
+        cluster = self.clusters[cluster_name]
+        if routed.parsed is not None and self.kv.policy != "round_robin":
+            known = self.prefix_index.best(routed.parsed.key_text)
+            if known is not None and cluster.healthy(known[0]):
+                self.counters.inc("routes.fallback_index")
+                self.counters.inc(f"routes.{routing.FALLBACK}")
+                return routing.RouteDecision(cluster.by_id[known[0]], routing.FALLBACK, 0,
+                                             f"prefix index ({why})")
+        return self.balancer(cluster_name, routing.FALLBACK, why)
+
+    def _remember(self, routed: Routed) -> Routed:
+        if routed.parsed is not None and routed.decision is not None:
+            self.prefix_index.record(routed.parsed.key_text, routed.decision.endpoint.id)
         return routed
 
     def _no_tokens(self, cluster_name: str, routed: Routed) -> Routed:
         routed.decision = self.balancer(cluster_name, routing.BALANCER, "token cache miss")
-        return routed
+        return self._remember(routed)
 
     def route(self, cluster_name: str, body: bytes) -> Routed:
         """Blocking form of ``route_async`` (threads, tests): same steps, same budget."""
@@ -288,6 +352,7 @@ class Gateway:
 
     def close(self) -> None:
         self._closed.set()
+        self.monitor.stop()
         self.background.shutdown()
         self.routing_pool.shutdown(wait=False)  # queued parses finish; no flow sees a cancel
         self.aio_tokenizer.close()

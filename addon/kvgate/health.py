@@ -1,11 +1,25 @@
-"""Which endpoints may take traffic. Passive for now: a connect failure ejects an endpoint
-for a cool-down, after which it is tried again."""
+"""Which endpoints may take traffic, and how loaded they are.
+
+Passive: a connect failure ejects an endpoint for a cool-down. Active: ``EngineMonitor``
+asks every endpoint ``GET /health`` each ``health_check_interval`` (a failure ejects it
+until a check passes) and ``GET /metrics`` each ``metrics_interval`` (queue and KV usage,
+for the routing model and cache management).
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import urllib3
+
+from .config import Endpoint
+
+log = logging.getLogger("kvgate")
 
 EJECT_SECONDS = 5.0
 
@@ -23,10 +37,14 @@ class HealthBook:
         until = self._down_until.get(endpoint_id)
         return until is None or self._clock() >= until
 
-    def mark_down(self, endpoint_id: str) -> None:
+    def mark_down(self, endpoint_id: str, until_up: bool = False) -> None:
+        """Eject for the cool-down, or (active checks) until ``mark_up``."""
         with self._lock:
-            self._down_until[endpoint_id] = self._clock() + self.eject_seconds
-            self.ejections += 1
+            was_up = self.is_healthy(endpoint_id)
+            span = float("inf") if until_up else self.eject_seconds
+            self._down_until[endpoint_id] = self._clock() + span
+            if was_up:
+                self.ejections += 1
 
     def mark_up(self, endpoint_id: str) -> None:
         with self._lock:
@@ -34,3 +52,94 @@ class HealthBook:
 
     def snapshot(self) -> dict[str, bool]:
         return {ep: self.is_healthy(ep) for ep in self._down_until}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_usage: float = 0.0
+    at: float = 0.0
+
+
+_GAUGE = re.compile(rb"^(vllm:[a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+
+
+def parse_metrics(text: bytes) -> EngineStats:
+    """vLLM's gauges, summed over model labels; the older KV gauge name accepted too."""
+    sums: dict[bytes, float] = {}
+    for name, value in _GAUGE.findall(text):
+        try:
+            sums[name] = sums.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    kv = sums.get(b"vllm:kv_cache_usage_perc", sums.get(b"vllm:gpu_cache_usage_perc", 0.0))
+    return EngineStats(running=sums.get(b"vllm:num_requests_running", 0.0),
+                       waiting=sums.get(b"vllm:num_requests_waiting", 0.0),
+                       kv_usage=kv, at=time.monotonic())
+
+
+class EngineMonitor:
+    """One background thread polling every endpoint; never on the request path."""
+
+    def __init__(self, endpoints: Sequence[Endpoint], book: HealthBook,
+                 health_interval: float, metrics_interval: float) -> None:
+        self.endpoints = list(endpoints)
+        self.book = book
+        self.health_interval = health_interval
+        self.metrics_interval = metrics_interval
+        self.stats: dict[str, EngineStats] = {}
+        self._pool = urllib3.PoolManager(num_pools=len(self.endpoints) + 1, maxsize=2,
+                                         retries=False)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.health_interval <= 0 and self.metrics_interval <= 0:
+            return
+        self._thread = threading.Thread(target=self._run, daemon=True, name="kvgate-monitor")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def fresh(self, endpoint_id: str, max_age: float) -> EngineStats | None:
+        st = self.stats.get(endpoint_id)
+        return st if st is not None and time.monotonic() - st.at <= max_age else None
+
+    def _get(self, ep: Endpoint, path: str, timeout: float) -> urllib3.BaseHTTPResponse | None:
+        try:
+            return self._pool.request("GET", ep.url + path, timeout=timeout, retries=False,
+                                      redirect=False)
+        except (urllib3.exceptions.HTTPError, OSError):
+            return None
+
+    def check_health(self, ep: Endpoint) -> None:
+        resp = self._get(ep, "/health", max(0.2, min(self.health_interval, 1.0)))
+        if resp is not None and resp.status == 200:
+            if not self.book.is_healthy(ep.id):
+                log.warning("[kvcache] endpoint %s is healthy again", ep.id)
+            self.book.mark_up(ep.id)
+        else:
+            if self.book.is_healthy(ep.id):
+                log.warning("[kvcache] endpoint %s failed its health check: ejected", ep.id)
+            self.book.mark_down(ep.id, until_up=True)
+
+    def poll_metrics(self, ep: Endpoint) -> None:
+        resp = self._get(ep, "/metrics", max(0.2, min(self.metrics_interval, 1.0)))
+        if resp is not None and resp.status == 200:
+            self.stats[ep.id] = parse_metrics(resp.data)
+
+    def _run(self) -> None:
+        next_health = next_metrics = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self.health_interval > 0 and now >= next_health:
+                next_health = now + self.health_interval
+                for ep in self.endpoints:
+                    self.check_health(ep)
+            if self.metrics_interval > 0 and now >= next_metrics:
+                next_metrics = now + self.metrics_interval
+                for ep in self.endpoints:
+                    self.poll_metrics(ep)
+            self._stop.wait(0.05)

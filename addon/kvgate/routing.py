@@ -47,3 +47,46 @@ def longest_prefix(
         if best is None or rank < best[0]:
             best = (rank, ep, tokens)
     return (best[1], best[2]) if best else None
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted time to first token on one endpoint, in milliseconds.
+
+    uncached prompt tokens are prefilled, cached ones loaded (LMCache's CPU tier, or
+    better), and every request ahead of ours costs about one queue slot.
+    """
+
+    prefill_ms: float = 0.07
+    load_ms: float = 0.007
+    queue_ms: float = 40.0
+
+    def ttft(self, prompt_tokens: int, matched: int, ahead: float) -> float:
+        matched = min(matched, prompt_tokens)
+        return ((prompt_tokens - matched) * self.prefill_ms + matched * self.load_ms
+                + ahead * self.queue_ms)
+
+
+def cheapest(
+    prompt_tokens: int,
+    placements: Sequence[Placement],
+    endpoints: Sequence[Endpoint],
+    healthy: Callable[[str], bool],
+    ahead: Mapping[str, float],
+    model: CostModel,
+) -> tuple[Endpoint, int, float] | None:
+    """The healthy endpoint with the lowest predicted TTFT; ties to the fewest ahead,
+    then config order. None when no endpoint is healthy."""
+    matched: dict[str, int] = {}
+    for p in placements:
+        matched[p.instance_id] = max(matched.get(p.instance_id, 0), p.tokens)
+    best: tuple[tuple[float, float, int], Endpoint, int, float] | None = None
+    for order, ep in enumerate(endpoints):
+        if not healthy(ep.id):
+            continue
+        m = matched.get(ep.id, 0)
+        cost = model.ttft(prompt_tokens, m, ahead.get(ep.id, 0.0))
+        rank = (round(cost, 6), ahead.get(ep.id, 0.0), order)
+        if best is None or rank < best[0]:
+            best = (rank, ep, m, cost)
+    return (best[1], best[2], best[3]) if best else None

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 from mitmproxy import io as mitmio
 
-from kvgate.sim.stub import tokenize_text
+from kvgate.sim.stub import StubEngine, tokenize_text
 
 from harness import Stubs
 
@@ -190,7 +190,7 @@ def test_prompt_text_never_logged_at_info(stubs: Stubs, mitm) -> None:
 
 
 def test_passive_ejection_of_a_dead_endpoint(stubs: Stubs, mitm) -> None:
-    cfg = stubs.kvgate_config()
+    cfg = stubs.kvgate_config(health_check_interval=0)  # passive only
     dead = {"id": "vllm-dead", "socket_address": {"address": "127.0.0.1", "port": 9}}
     cfg["clusters"][0]["endpoints"].append(dead)
     gw = mitm(cfg, mode=reverse(stubs))
@@ -198,3 +198,38 @@ def test_passive_ejection_of_a_dead_endpoint(stubs: Stubs, mitm) -> None:
                 for i in range(12)]
     assert statuses.count(502) == 1  # only the first try reaches the dead endpoint
     assert "vllm-dead ejected" in gw.log()
+
+
+def test_active_health_checks_eject_within_2s_and_readmit(stubs: Stubs, mitm) -> None:
+    gw = mitm(stubs.kvgate_config(health_check_interval="300ms"), mode=reverse(stubs))
+    port = stubs.ports["vllm-2"]
+    stubs.engines["vllm-2"].stop()
+    time.sleep(2.0)
+    engines = [gw.post("/v1/completions", {"model": "m", "prompt": [i]}).json()["engine"]
+               for i in range(9)]
+    assert "vllm-2" not in engines
+    assert set(engines) == {"vllm-1", "vllm-3"}
+    revived = StubEngine("vllm-2")
+    revived.start(port)
+    try:
+        time.sleep(2.0)
+        engines = [gw.post("/v1/completions", {"model": "m", "prompt": [i]}).json()["engine"]
+                   for i in range(9)]
+        assert "vllm-2" in engines
+    finally:
+        revived.stop()
+    assert "vllm-2 failed its health check" in gw.log()
+
+
+def test_without_lmcache_a_conversation_stays_on_its_engine(stubs: Stubs, mitm) -> None:
+    stubs.controller.stop()
+    gw = mitm(stubs.kvgate_config(lookup_routing_timeout="100ms"), mode=reverse(stubs))
+    history = "system: " + " ".join(f"rule{i}" for i in range(300))
+    served = set()
+    for turn in range(5):
+        history += f" user: question {turn}"
+        r = gw.post("/v1/completions", {"model": "m", "prompt": history})
+        assert r.headers["x-kvcache-route"] == "fallback"
+        served.add(r.json()["engine"])
+        history += " assistant: " + r.json()["choices"][0]["text"]
+    assert len(served) == 1  # round robin would have visited all three

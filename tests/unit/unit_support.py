@@ -139,6 +139,9 @@ def gateway_doc(
         "lookup_routing_timeout": "1s",
         "request_timeout": "2s",
         "retry": {"max_attempts": 3, "base_backoff": "5ms", "max_backoff": "10ms"},
+        # the endpoints here are addresses nobody listens on: no active checks
+        "health_check_interval": 0,
+        "metrics_interval": 0,
     }
     return {
         "kvcache": merge(kv, kvcache or {}),

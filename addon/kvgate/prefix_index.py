@@ -1,0 +1,56 @@
+"""A bounded local memory of which endpoint served which prompt prefix.
+
+Used when LMCache cannot be asked (down, slow, breaker open, no tokens): like the peers'
+approximate radix trees, it remembers where each prefix went, so a conversation keeps
+going to the engine that holds its history instead of falling to round robin. Prefixes
+are chains of 256-character pieces of the prompt text, hashed; LRU-bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+
+PIECE = 256
+
+
+def _chain(text: str) -> list[tuple[int, bytes]]:
+    h = hashlib.blake2b(digest_size=12)
+    data = text.encode("utf-8", "surrogatepass")
+    out = []
+    for start in range(0, len(data) - PIECE + 1, PIECE):  # whole pieces only
+        h.update(data[start:start + PIECE])
+        out.append((start + PIECE, h.copy().digest()))
+    return out
+
+
+class PrefixIndex:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._map: OrderedDict[bytes, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, text: str, endpoint_id: str) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            for _, key in _chain(text):
+                self._map[key] = endpoint_id
+                self._map.move_to_end(key)
+            while len(self._map) > self.capacity:
+                self._map.popitem(last=False)
+
+    def best(self, text: str) -> tuple[str, int] | None:
+        """(endpoint id, bytes of prompt it is known to hold), deepest known prefix."""
+        found: tuple[str, int] | None = None
+        with self._lock:
+            for end, key in _chain(text):
+                ep = self._map.get(key)
+                if ep is None:
+                    break
+                found = (ep, end)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._map)

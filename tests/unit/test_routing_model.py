@@ -1,0 +1,84 @@
+"""The routing model: predicted TTFT from cached tokens and load; the local prefix index."""
+
+from __future__ import annotations
+
+from kvgate import routing
+from kvgate.config import Endpoint
+from kvgate.health import parse_metrics
+from kvgate.lmcache import Placement
+from kvgate.prefix_index import PrefixIndex
+
+EPS = [Endpoint(f"e{i}", "127.0.0.1", 8000 + i) for i in (1, 2, 3)]
+MODEL = routing.CostModel(prefill_ms=0.1, load_ms=0.01, queue_ms=50.0)
+
+
+def always(_: str) -> bool:
+    return True
+
+
+def test_cached_prefix_wins_when_load_is_even() -> None:
+    pick = routing.cheapest(2000, [Placement("e2", "cpu", 1500)], EPS, always, {}, MODEL)
+    assert pick is not None
+    ep, matched, cost = pick
+    assert (ep.id, matched) == ("e2", 1500)
+    assert cost == MODEL.ttft(2000, 1500, 0)
+
+
+def test_a_queue_outweighs_a_small_cache_advantage() -> None:
+    # 200 cached tokens save 18 ms; three requests queued ahead cost 150 ms
+    pick = routing.cheapest(1000, [Placement("e1", "cpu", 200)], EPS, always,
+                            {"e1": 3, "e2": 0, "e3": 1}, MODEL)
+    assert pick is not None and pick[0].id == "e2" and pick[1] == 0
+
+
+def test_a_long_cached_prefix_is_worth_a_short_queue() -> None:
+    # 4000 cached tokens save 360 ms; one request ahead costs 50 ms
+    pick = routing.cheapest(5000, [Placement("e3", "cpu", 4000)], EPS, always,
+                            {"e3": 1}, MODEL)
+    assert pick is not None and pick[0].id == "e3"
+
+
+def test_unhealthy_endpoints_are_never_chosen() -> None:
+    pick = routing.cheapest(1000, [Placement("e1", "cpu", 1000)], EPS,
+                            lambda ep: ep != "e1", {}, MODEL)
+    assert pick is not None and pick[0].id != "e1"
+    assert routing.cheapest(10, [], EPS, lambda _: False, {}, MODEL) is None
+
+
+def test_ties_go_to_fewer_ahead_then_config_order() -> None:
+    pick = routing.cheapest(100, [], EPS, always, {"e1": 0.0, "e2": 0.0, "e3": 0.0}, MODEL)
+    assert pick is not None and pick[0].id == "e1"
+    pl = [Placement("e3", "cpu", 50), Placement("e2", "cpu", 50)]
+    pick = routing.cheapest(100, pl, EPS, always, {"e2": 0, "e3": 0}, MODEL)
+    assert pick is not None and pick[0].id == "e2"
+
+
+def test_metrics_parse_sums_labels_and_accepts_the_older_kv_name() -> None:
+    text = b"""# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="a"} 2
+vllm:num_requests_waiting{model_name="b"} 3
+vllm:num_requests_running{model_name="a"} 7.0
+vllm:gpu_cache_usage_perc{model_name="a"} 0.5
+vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="a"} 4
+"""
+    st = parse_metrics(text)
+    assert (st.waiting, st.running, st.kv_usage) == (5.0, 7.0, 0.5)
+    assert parse_metrics(b"garbage\x00").waiting == 0.0
+
+
+def test_prefix_index_follows_a_growing_conversation() -> None:
+    idx = PrefixIndex(capacity=1000)
+    turn1 = "system: " + "rules " * 200 + "user: hi"
+    idx.record(turn1, "e2")
+    turn2 = turn1 + " assistant: hello user: more " + "x" * 300
+    found = idx.best(turn2)
+    assert found is not None and found[0] == "e2"
+    assert found[1] >= 1024
+    assert idx.best("something else entirely " * 40) is None
+
+
+def test_prefix_index_is_bounded() -> None:
+    idx = PrefixIndex(capacity=10)
+    for i in range(50):
+        idx.record(f"prompt {i} " + "y" * 2000, f"e{i % 3}")
+    assert len(idx) <= 10
