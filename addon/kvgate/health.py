@@ -107,15 +107,19 @@ class EngineMonitor:
         st = self.stats.get(endpoint_id)
         return st if st is not None and time.monotonic() - st.at <= max_age else None
 
-    def _get(self, ep: Endpoint, path: str, timeout: float) -> urllib3.BaseHTTPResponse | None:
+    def _get(self, ep: Endpoint, path: str, timeout: float,
+             fresh: bool = False) -> urllib3.BaseHTTPResponse | None:
         try:
-            return self._pool.request("GET", ep.url + path, timeout=timeout, retries=False,
-                                      redirect=False)
+            return self._pool.request(
+                "GET", ep.url + path, timeout=timeout, retries=False, redirect=False,
+                # a health check must prove the engine still accepts connections
+                headers={"Connection": "close"} if fresh else None,
+            )
         except (urllib3.exceptions.HTTPError, OSError):
             return None
 
     def check_health(self, ep: Endpoint) -> None:
-        resp = self._get(ep, "/health", max(0.2, min(self.health_interval, 1.0)))
+        resp = self._get(ep, "/health", max(0.2, min(self.health_interval, 1.0)), fresh=True)
         if resp is not None and resp.status == 200:
             if not self.book.is_healthy(ep.id):
                 log.warning("[kvcache] endpoint %s is healthy again", ep.id)

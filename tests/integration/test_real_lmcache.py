@@ -19,8 +19,9 @@ import requests
 
 from kvgate.sim.cli import Cluster
 from kvgate.sim.engine import EngineParams
+from kvgate.sim.ports import free_ports
 
-from harness import free_port, start_mitmdump
+from harness import start_mitmdump
 
 pytestmark = pytest.mark.lmcache
 
@@ -38,8 +39,9 @@ def real() -> Iterator[Cluster]:
         if os.environ.get("CI"):
             pytest.fail("the LMCache venv is missing: scripts/test installs it")
         pytest.skip("run scripts/lmcache-controller --install-only first")
-    cluster = Cluster(2, free_port(), free_port(), PARAMS, real=True)
-    cluster.ports = {"vllm-1": free_port(), "vllm-2": free_port()}
+    p1, p2, ctl_port = free_ports(3)
+    cluster = Cluster(2, p1, ctl_port, PARAMS, real=True)
+    cluster.ports = {"vllm-1": p1, "vllm-2": p2}
     cluster.start()
     yield cluster
     cluster.stop()
@@ -135,8 +137,9 @@ def test_pins_and_compresses_reach_the_engine_holding_the_tokens(real: Cluster,
 
 
 def test_twin_and_real_controller_answer_alike(real: Cluster) -> None:
-    twin = Cluster(2, free_port(), free_port(), PARAMS)
-    twin.ports = {"vllm-1": free_port(), "vllm-2": free_port()}
+    p1, p2, ctl_port = free_ports(3)
+    twin = Cluster(2, p1, ctl_port, PARAMS)
+    twin.ports = {"vllm-1": p1, "vllm-2": p2}
     twin.start()
     try:
         prompts = {"vllm-1": words("same-c", 900), "vllm-2": words("same-d", 300)}

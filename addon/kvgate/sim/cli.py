@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .engine import EngineParams, SimEngine
-from .ports import free_port, wait_port
+from .ports import free_port, free_ports, wait_port
 from .twin import TwinController, TwinReporter
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -120,8 +120,9 @@ class Cluster:
         self.controller_port = controller_port
         self.params = params
         self.real = real
-        self.pull_port = pull_port or free_port()
-        self.reply_port = reply_port or free_port()
+        extra = free_ports(2, avoid={*self.ports.values(), controller_port})
+        self.pull_port = pull_port or extra[0]
+        self.reply_port = reply_port or extra[1]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.twin: TwinController | None = None
         self.engines: dict[str, SimEngine] = {}
@@ -138,10 +139,12 @@ class Cluster:
         py = str(ROOT / ".venv-lmcache" / "bin" / "python")
         env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(ROOT / "addon")}
         ns = argparse.Namespace(**dataclasses.asdict(self.params))
-        for eid, port in self.ports.items():
+        taken = {*self.ports.values(), self.controller_port, self.pull_port, self.reply_port}
+        workers = free_ports(len(self.ports), avoid=taken)
+        for (eid, port), worker_port in zip(self.ports.items(), workers, strict=True):
             cmd = [py, "-m", "kvgate.sim.cli", "engine", "--id", eid, "--port", str(port),
                    "--lmcache-reply", str(self.reply_port), "--lmcache-pull",
-                   str(self.pull_port), "--worker-port", str(free_port()), *engine_argv(ns)]
+                   str(self.pull_port), "--worker-port", str(worker_port), *engine_argv(ns)]
             self.procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.DEVNULL))
         for port in self.ports.values():

@@ -13,6 +13,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, avoid: set[int] | None = None) -> list[int]:
+    """n distinct free ports, none in ``avoid`` (held open together, so never repeated)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            port = s.getsockname()[1]
+            if port not in (avoid or set()):
+                ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
 def wait_port(port: int, timeout: float = 30.0) -> None:
     """Block until something accepts connections on 127.0.0.1:port."""
     end = time.monotonic() + timeout
