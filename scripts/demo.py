@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +32,8 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "addon"))
 from kvgate.sim.cli import Cluster  # noqa: E402
 from kvgate.sim.engine import EngineParams  # noqa: E402
-from kvgate.sim.ports import free_port, wait_port  # noqa: E402
+from kvgate.sim.ports import free_ports  # noqa: E402
+from kvgate.sim.run import gateway  # noqa: E402
 
 POLICIES = ("kvgate", "round_robin")
 
@@ -136,6 +133,19 @@ def play(port: int, convs: list[Conversation], clients: int, bar: tqdm) -> Resul
     return result
 
 
+def start_cluster(params: EngineParams, engines: int = 3) -> Cluster:
+    """A twin-controller cluster on free ports (retried if a port was taken meanwhile)."""
+    while True:
+        *ports, ctl = free_ports(engines + 1)
+        cluster = Cluster(engines, ports[0], ctl, params)
+        cluster.ports = {f"vllm-{i + 1}": p for i, p in enumerate(ports)}
+        try:
+            cluster.start()
+            return cluster
+        except OSError:
+            cluster.stop()
+
+
 def chart(results: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -183,49 +193,23 @@ def main() -> int:
                           time_scale=args.time_scale)
     convs = workload(args.conversations, args.turns, args.seed)
     total = sum(len(c.questions) for c in convs)
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"[demo] {total} chat turns from {args.conversations} conversations, "
           f"{args.clients} clients; 3 simulated engines + twin controller per policy")
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for policy in POLICIES:
-            base = free_port()
-            cluster = Cluster(3, base, free_port(), params)
-            proxy: subprocess.Popen | None = None
-            try:
-                while True:  # the 3 engine ports must be free together
-                    try:
-                        cluster.start()
-                        break
-                    except OSError:
-                        cluster.stop()
-                        cluster = Cluster(3, free_port(), free_port(), params)
-                cfg = cluster.config()
-                cfg["kvcache"]["enabled"] = policy == "kvgate"
-                path = Path(tmp) / f"{policy}.json"
-                path.write_text(json.dumps(cfg))
-                port = free_port()
-                proxy = subprocess.Popen(
-                    [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
-                     "--mode", f"reverse:{cfg['kvcache']['vllm_endpoint']}",
-                     "-s", str(ROOT / "addon" / "kvcache.py"), "--set", f"kvcache_config={path}"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-                wait_port(port)
-                time.sleep(1.0)  # the script loads just after the listener opens
-                with tqdm(total=total, desc=f"{policy:<12}", unit="req", ncols=80) as bar:
-                    results[policy] = play(port, convs, args.clients, bar).summary()
-            except KeyboardInterrupt:
-                print("\n[demo] interrupted")
-                return 130
-            finally:
-                if proxy is not None and proxy.poll() is None:
-                    proxy.send_signal(signal.SIGINT)
-                    try:
-                        proxy.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proxy.kill()
-                cluster.stop()
+    for policy in POLICIES:
+        cluster = start_cluster(params)
+        try:
+            cfg = cluster.config()
+            cfg["kvcache"]["enabled"] = policy == "kvgate"
+            with gateway(cfg, cfg["kvcache"]["vllm_endpoint"]) as port, \
+                    tqdm(total=total, desc=f"{policy:<12}", unit="req", ncols=80) as bar:
+                results[policy] = play(port, convs, args.clients, bar).summary()
+        except KeyboardInterrupt:
+            print("\n[demo] interrupted")
+            return 130
+        finally:
+            cluster.stop()
 
     print("\n| policy | prefix-hit ratio | TTFT p50 ms | TTFT p99 ms | share by endpoint "
           "| failed |")

@@ -117,8 +117,9 @@ class KVCacheConfig:
     prefill_ms: float = 0.07
     load_ms: float = 0.007
     queue_ms: float = 40.0
+    min_batch_slots: int = 4  # sequences an engine runs at once before queueing, at least
     health_check_interval: float = 0.5  # active GET /health per endpoint; 0 = off
-    metrics_interval: float = 1.0  # GET /metrics per endpoint (queue, KV usage); 0 = off
+    metrics_interval: float = 0.5  # GET /metrics per endpoint (queue, KV usage); 0 = off
     prefix_index_size: int = 100_000  # remembered prompt prefixes for routing without LMCache
 
     @property
@@ -313,7 +314,8 @@ def validate(cfg: KVCacheConfig) -> None:
                         ("queue_ms", cfg.queue_ms),
                         ("health_check_interval", cfg.health_check_interval),
                         ("metrics_interval", cfg.metrics_interval),
-                        ("prefix_index_size", cfg.prefix_index_size)):
+                        ("prefix_index_size", cfg.prefix_index_size),
+                        ("min_batch_slots", cfg.min_batch_slots)):
         if value < 0:
             raise ConfigError(path, value, "must be >= 0")
     if not 0 <= cfg.background_queue <= 1_000_000:

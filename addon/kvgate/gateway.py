@@ -166,7 +166,7 @@ class Gateway:
         n_tokens = len(routed.tokens or ())
         ahead = self.ahead(cluster)
         pick = routing.cheapest(n_tokens, placements, cluster.endpoints, cluster.healthy,
-                                ahead, self.cost_model)
+                                ahead, self.cost_model, cluster.inflight)
         if pick is None:  # nothing healthy: the balancer still tries someone
             routed.decision = self.balancer(cluster_name, routing.BALANCER, "none healthy")
             return self._remember(routed)
@@ -186,15 +186,20 @@ class Gateway:
         return self._remember(routed)
 
     def ahead(self, cluster: Cluster) -> dict[str, float]:
-        """Requests ahead of a new one per endpoint: ours in flight plus the engine's queue."""
+        """Requests a new one would queue behind, per endpoint.
+
+        Requests in flight only delay ours once the engine's batch slots are full: with the
+        slots learnt from /metrics (most seen running, at least ``min_batch_slots``), it is
+        what is in flight beyond them, or the engine's own waiting queue if larger.
+        """
         out: dict[str, float] = {}
         max_age = max(3 * self.kv.metrics_interval, 1.0)
         for ep in cluster.endpoints:
-            n = float(cluster.inflight.get(ep.id, 0))
+            inflight = float(cluster.inflight.get(ep.id, 0))
             stats = self.monitor.fresh(ep.id, max_age)
-            if stats is not None:
-                n += stats.waiting
-            out[ep.id] = n
+            slots = max(self.monitor.slots.get(ep.id, 0.0), float(self.kv.min_batch_slots))
+            waiting = stats.waiting if stats is not None else 0.0
+            out[ep.id] = max(inflight - slots, waiting, 0.0)
         return out
 
     def fallback(self, cluster_name: str, routed: Routed, why: str) -> routing.RouteDecision:

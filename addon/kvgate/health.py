@@ -89,6 +89,7 @@ class EngineMonitor:
         self.health_interval = health_interval
         self.metrics_interval = metrics_interval
         self.stats: dict[str, EngineStats] = {}
+        self.slots: dict[str, float] = {}
         self._pool = urllib3.PoolManager(num_pools=len(self.endpoints) + 1, maxsize=2,
                                          retries=False)
         self._stop = threading.Event()
@@ -132,7 +133,11 @@ class EngineMonitor:
     def poll_metrics(self, ep: Endpoint) -> None:
         resp = self._get(ep, "/metrics", max(0.2, min(self.metrics_interval, 1.0)))
         if resp is not None and resp.status == 200:
-            self.stats[ep.id] = parse_metrics(resp.data)
+            st = self.stats[ep.id] = parse_metrics(resp.data)
+            # the most sequences it was seen running at once: its batch slots, as far as
+            # we can tell (vLLM's max_num_seqs is not in /metrics)
+            if st.running > self.slots.get(ep.id, 0.0):
+                self.slots[ep.id] = st.running
 
     def _run(self) -> None:
         next_health = next_metrics = 0.0

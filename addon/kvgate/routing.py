@@ -74,19 +74,20 @@ def cheapest(
     healthy: Callable[[str], bool],
     ahead: Mapping[str, float],
     model: CostModel,
+    inflight: Mapping[str, int] | None = None,
 ) -> tuple[Endpoint, int, float] | None:
-    """The healthy endpoint with the lowest predicted TTFT; ties to the fewest ahead,
-    then config order. None when no endpoint is healthy."""
+    """The healthy endpoint with the lowest predicted TTFT; ties to the fewest ahead, then
+    the fewest in flight, then config order. None when no endpoint is healthy."""
     matched: dict[str, int] = {}
     for p in placements:
         matched[p.instance_id] = max(matched.get(p.instance_id, 0), p.tokens)
-    best: tuple[tuple[float, float, int], Endpoint, int, float] | None = None
+    best: tuple[tuple[float, float, int, int], Endpoint, int, float] | None = None
     for order, ep in enumerate(endpoints):
         if not healthy(ep.id):
             continue
         m = matched.get(ep.id, 0)
         cost = model.ttft(prompt_tokens, m, ahead.get(ep.id, 0.0))
-        rank = (round(cost, 6), ahead.get(ep.id, 0.0), order)
+        rank = (round(cost, 6), ahead.get(ep.id, 0.0), (inflight or {}).get(ep.id, 0), order)
         if best is None or rank < best[0]:
             best = (rank, ep, m, cost)
     return (best[1], best[2], best[3]) if best else None

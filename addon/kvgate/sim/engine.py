@@ -63,6 +63,7 @@ class SimEngine(StubApp):
         self.hits = 0  # of those, served from cache
         self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
+        self.busy_ms = 0.0
         self.ttft_n = 0
         self.error_rate = 0.0
         self.garbage = False
@@ -157,6 +158,8 @@ class SimEngine(StubApp):
             n_out = body.get("max_tokens") or body.get("max_completion_tokens") or self.p.max_output
             n_out = max(1, min(int(n_out) if isinstance(n_out, int) else self.p.max_output,
                                self.p.max_output))
+            with self.lock:  # model time this request occupies the engine
+                self.busy_ms += prefill_ms + n_out * self.p.decode_ms
             usage = {"prompt_tokens": len(tokens), "completion_tokens": n_out,
                      "total_tokens": len(tokens) + n_out,
                      "prompt_tokens_details": {"cached_tokens": adm.cached}}
@@ -266,6 +269,8 @@ class SimEngine(StubApp):
             compressed = sum(self.cache.cpu.get(k, 0) for k in self.cache.compressed)
             cpu_used = self.cache.cpu_used
         lines += [
+            "# TYPE kvgate_sim:busy_seconds_total counter",
+            f"kvgate_sim:busy_seconds_total{{{m}}} {self.busy_ms / 1000:.6f}",
             "# TYPE kvgate_sim:cpu_tier_tokens gauge",
             f"kvgate_sim:cpu_tier_tokens{{{m}}} {cpu_used}",
             "# TYPE kvgate_sim:pinned_tokens gauge",
