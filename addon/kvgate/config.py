@@ -120,6 +120,8 @@ class KVCacheConfig:
     min_batch_slots: int = 4  # sequences an engine runs at once before queueing, at least
     health_check_interval: float = 0.5  # active GET /health per endpoint; 0 = off
     metrics_interval: float = 0.5  # GET /metrics per endpoint (queue, KV usage); 0 = off
+    metrics_port: int = 0  # Prometheus /metrics of the gateway itself; 0 = off
+    metrics_host: str = "127.0.0.1"
     prefix_index_size: int = 100_000  # remembered prompt prefixes for routing without LMCache
 
     @property
@@ -318,6 +320,8 @@ def validate(cfg: KVCacheConfig) -> None:
                         ("min_batch_slots", cfg.min_batch_slots)):
         if value < 0:
             raise ConfigError(path, value, "must be >= 0")
+    if not 0 <= cfg.metrics_port <= 65535:
+        raise ConfigError("metrics_port", cfg.metrics_port, "must be a port 1..65535 (0 = off)")
     if not 0 <= cfg.background_queue <= 1_000_000:
         raise ConfigError("background_queue", cfg.background_queue, "must be 0..1000000")
     if not cfg.enabled:

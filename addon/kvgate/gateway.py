@@ -21,6 +21,7 @@ from .client import CallError, HelperClient, Unsupported, make_pool
 from .cluster import Cluster
 from .config import GatewayConfig, Route
 from .deadline import Cancelled, Deadline
+from .exporter import Exporter
 from .health import EngineMonitor, HealthBook
 from .hotness import HotTracker
 from .lmcache import LMCacheClient, Placement, lookup_body, parse_layout
@@ -93,6 +94,9 @@ class Gateway:
             kv.metrics_interval if kv.enabled else 0.0,
         )
         self.monitor.start()
+        self.exporter = Exporter(self)
+        if kv.metrics_port:
+            self.exporter.serve(kv.metrics_host, kv.metrics_port)
         self.background = BoundedPool("kvgate-bg", kv.background_workers, kv.background_queue)
         self._closed = threading.Event()
 
@@ -171,6 +175,8 @@ class Gateway:
             routed.decision = self.balancer(cluster_name, routing.BALANCER, "none healthy")
             return self._remember(routed)
         ep, matched, cost = pick
+        if n_tokens:
+            self.exporter.matched_ratio.observe(min(1.0, matched / n_tokens))
         if matched > 0:
             self.counters.inc(f"routes.{routing.CACHE}")
             routed.decision = routing.RouteDecision(ep, routing.CACHE, matched,
@@ -262,7 +268,8 @@ class Gateway:
         end = loop.time() + self.routing_budget
         if routed.tokens is None and self.kv.route_on_miss:
             try:
-                answer = await self.aio_tokenizer.post("/tokenize", body, end - loop.time())
+                with self.exporter.tokenize_seconds.time():
+                    answer = await self.aio_tokenizer.post("/tokenize", body, end - loop.time())
                 tokens = tokens_from(answer)
             except ROUTING_ERRORS as exc:
                 self._tokenized(routed, None, exc, cluster_name)
@@ -271,9 +278,10 @@ class Gateway:
         if routed.tokens is None:
             return self._no_tokens(cluster_name, routed)
         try:
-            answer = await self.aio_lmcache.post(
-                "/lookup", lookup_body(routed.tokens), end - loop.time()
-            )
+            with self.exporter.lookup_seconds.time():
+                answer = await self.aio_lmcache.post(
+                    "/lookup", lookup_body(routed.tokens), end - loop.time()
+                )
         except ROUTING_ERRORS as exc:
             return self.finish(cluster_name, routed, None, exc)
         return self.finish(cluster_name, routed, parse_layout(answer), None)
@@ -358,6 +366,7 @@ class Gateway:
     def close(self) -> None:
         self._closed.set()
         self.monitor.stop()
+        self.exporter.close()
         self.background.shutdown()
         self.routing_pool.shutdown(wait=False)  # queued parses finish; no flow sees a cancel
         self.aio_tokenizer.close()

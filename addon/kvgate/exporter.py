@@ -1,0 +1,92 @@
+"""Prometheus metrics on an admin port (prometheus-client), read from the gateway's state.
+
+Off unless ``metrics_port`` is set; bound to ``metrics_host`` (127.0.0.1 by default).
+Each gateway has its own registry, so a config reload never registers a name twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+_BREAKER = {"closed": 0, "half_open": 1, "open": 2}
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Exporter(Collector):
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.lookup_seconds = Histogram(
+            "kvgate_lookup_seconds", "LMCache /lookup latency on the request path",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokenize_seconds = Histogram(
+            "kvgate_tokenize_seconds", "vLLM /tokenize latency on the request path",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.matched_ratio = Histogram(
+            "kvgate_matched_token_ratio", "cached tokens on the chosen endpoint / prompt tokens",
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=self.registry)
+        self.registry.register(self)
+        self._server: Any = None
+
+    def serve(self, host: str, port: int) -> None:
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        gw = self.gw
+        groups = gw.counters.grouped()
+        c = CounterMetricFamily("kvgate_routing_decisions", "routing decisions by reason",
+                                labels=["reason"])
+        for reason, n in groups.get("routes", {}).items():
+            c.add_metric([reason], n)
+        yield c
+        c = CounterMetricFamily("kvgate_strategy_actions", "cache actions by kind and result",
+                                labels=["action", "result"])
+        for key, n in groups.get("actions", {}).items():
+            action, _, result = key.partition("_")
+            c.add_metric([action, result], n)
+        yield c
+        c = CounterMetricFamily("kvgate_helper_calls", "request-path helper calls",
+                                labels=["helper", "result"])
+        for helper in ("lookup", "tokenize"):
+            for key, n in groups.get(helper, {}).items():
+                c.add_metric([helper, key], n)
+        yield c
+        g = GaugeMetricFamily("kvgate_breaker_state", "0 closed, 1 half-open, 2 open",
+                              labels=["breaker"])
+        for name, br in (("tokenizer", gw.tokenizer_breaker), ("lmcache", gw.lmcache_breaker)):
+            g.add_metric([name], _BREAKER[br.state.value])
+        yield g
+        bg = gw.background.snapshot()
+        yield GaugeMetricFamily("kvgate_background_queue_depth",
+                                "background tasks queued or running", value=bg["pending"])
+        yield CounterMetricFamily("kvgate_background_dropped", "tasks dropped: pool full",
+                                  value=bg["dropped"])
+        tc = gw.token_cache.snapshot()
+        yield GaugeMetricFamily("kvgate_token_cache_hit_ratio", "token-cache hits / lookups",
+                                value=tc["hit_rate"])
+        inflight = GaugeMetricFamily("kvgate_endpoint_inflight", "requests in flight",
+                                     labels=["cluster", "endpoint"])
+        healthy = GaugeMetricFamily("kvgate_endpoint_healthy", "1 in rotation, 0 ejected",
+                                    labels=["cluster", "endpoint"])
+        for name, cluster in gw.clusters.items():
+            for ep in cluster.endpoints:
+                inflight.add_metric([name, ep.id], cluster.inflight.get(ep.id, 0))
+                healthy.add_metric([name, ep.id], 1.0 if gw.health.is_healthy(ep.id) else 0.0)
+        yield inflight
+        yield healthy
