@@ -113,6 +113,7 @@ class KVCacheConfig:
     virtual_hosts: list[str] = field(default_factory=list)
     # routing model (README "Routing"): predicted TTFT = uncached * prefill_ms +
     # cached * load_ms + requests ahead * queue_ms
+    signals: str = "engine"  # engine: /metrics of the holder; process: the seed's own CPU/RAM
     policy: str = "kvgate"  # kvgate | longest_prefix (the seed's rule) | round_robin
     prefill_ms: float = 0.07
     load_ms: float = 0.007
@@ -310,6 +311,8 @@ def validate(cfg: KVCacheConfig) -> None:
     ):
         if not 1 <= value <= 1024:
             raise ConfigError(path, value, "must be between 1 and 1024")
+    if cfg.signals not in ("engine", "process"):
+        raise ConfigError("signals", cfg.signals, "must be engine or process")
     if cfg.policy not in POLICIES:
         raise ConfigError("policy", cfg.policy, f"must be one of {', '.join(POLICIES)}")
     for path, value in (("prefill_ms", cfg.prefill_ms), ("load_ms", cfg.load_ms),

@@ -322,16 +322,18 @@ class Gateway:
                 self.counters.inc("lookup.background_ok")
             deadline.check()
             cs = self.kv.cache_strategy
-            needs_load = cs.enable_compression or cs.enable_eviction
-            decision = strategy.decide(
-                cs,
-                self.load.snapshot() if needs_load else LoadMetrics(),
-                self.hot.is_hot(routed.key, self.kv.cache_strategy.hot_content_threshold),
-            )
+            hot = self.hot.is_hot(routed.key, cs.hot_content_threshold)
+            holder = self._holder(routed)
+            if self.kv.signals == "process":  # the seed's signals: the gateway's own CPU/RAM
+                needs_load = cs.enable_compression or cs.enable_eviction
+                decision = strategy.decide(
+                    cs, self.load.snapshot() if needs_load else LoadMetrics(), hot)
+            else:
+                decision = strategy.decide_on_engine(cs, self._busy(holder), hot)
             if not decision.any:
                 return []
-            results = strategy.execute(decision, tokens, self.kv.cache_strategy, self.lmcache,
-                                       deadline)
+            results = strategy.execute(decision, tokens, cs, self.lmcache, deadline,
+                                       strategy.Targets.of(cs, holder))
             for r in results:
                 self.counters.inc(f"actions.{r.action}_{r.result}")
             return results
@@ -344,6 +346,24 @@ class Gateway:
             self.counters.inc("background.failed")
             log.warning("[kvcache] cache management for %s failed: %s", routed.key[:12], exc)
         return []
+
+    def _holder(self, routed: Routed) -> str | None:
+        """The instance holding the most of this prompt, else the one serving it."""
+        if routed.placements:
+            best = max(routed.placements, key=lambda p: p.tokens)
+            if best.tokens > 0:
+                return best.instance_id
+        return routed.decision.endpoint.id if routed.decision is not None else None
+
+    def _busy(self, endpoint_id: str | None) -> bool:
+        if endpoint_id is None:
+            return False
+        stats = self.monitor.fresh(endpoint_id, max(3 * self.kv.metrics_interval, 1.0))
+        if stats is None:
+            return False
+        slots = max(self.monitor.slots.get(endpoint_id, 0.0), float(self.kv.min_batch_slots))
+        return strategy.engine_busy(stats.running, stats.waiting, slots,
+                                    self.kv.cache_strategy.load_threshold)
 
     # ------------------------------------------------------------ reporting
 

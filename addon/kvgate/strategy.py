@@ -45,6 +45,37 @@ def decide(cfg: CacheStrategyConfig, load: LoadMetrics, hot: bool) -> Decision:
     return Decision(compress=compress, pin=pin, evict=evict, reason=reason)
 
 
+def decide_on_engine(cfg: CacheStrategyConfig, engine_busy: bool, hot: bool) -> Decision:
+    """kvgate's rules on real signals: compress when the engine holding the content is
+    busy, pin hot content. (Freeing an engine's space is not decided per request.)"""
+    compress = cfg.enable_compression and engine_busy
+    pin = cfg.enable_pinning and hot
+    reason = "hot_content" if pin else ("engine_busy" if compress else "")
+    return Decision(compress=compress, pin=pin, evict=False, reason=reason)
+
+
+def engine_busy(running: float, waiting: float, slots: float, load_threshold: float) -> bool:
+    """Busy: requests queue, or the share of batch slots in use reaches load_threshold."""
+    if waiting > 0:
+        return True
+    return slots > 0 and load_threshold > 0 and running / slots >= load_threshold
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Which instance each action addresses: the configured one, or the content's holder."""
+
+    compress: str
+    pin: str
+    evict: str
+
+    @classmethod
+    def of(cls, cfg: CacheStrategyConfig, holder: str | None) -> Targets:
+        return cls(compress=cfg.compress_instance_id or holder or "",
+                   pin=cfg.pin_instance_id or holder or "",
+                   evict=cfg.evict_instance_id or holder or "")
+
+
 @dataclass(frozen=True)
 class ActionResult:
     action: str
@@ -57,20 +88,22 @@ def execute(
     cfg: CacheStrategyConfig,
     lmcache: LMCacheClient,
     deadline: Deadline,
+    targets: Targets | None = None,
 ) -> list[ActionResult]:
     """Compress, then pin, then evict; stop at the first error.
 
     An action the controller lacks is skipped (and stays off) rather than counted as an
     error, so a missing /evict never blocks the pin before it.
     """
+    t = targets or Targets.of(cfg, None)
     steps = (
         ("compress", decision.compress,
-         lambda: lmcache.compress(cfg.compress_instance_id, cfg.compress_location,
-                                  cfg.compress_method, tokens, deadline)),
+         lambda: lmcache.compress(t.compress, cfg.compress_location, cfg.compress_method,
+                                  tokens, deadline)),
         ("pin", decision.pin,
-         lambda: lmcache.pin(cfg.pin_instance_id, cfg.pin_location, tokens, deadline)),
+         lambda: lmcache.pin(t.pin, cfg.pin_location, tokens, deadline)),
         ("evict", decision.evict,
-         lambda: lmcache.evict(cfg.evict_instance_id, tokens, deadline)),
+         lambda: lmcache.evict(t.evict, tokens, deadline)),
     )
     results: list[ActionResult] = []
     for name, wanted, call in steps:

@@ -114,6 +114,7 @@ def test_pins_and_compresses_reach_the_engine_holding_the_tokens(real: Cluster,
     assert post(engine_url(real, "vllm-2") + "/v1/completions", body).status_code == 200
     wait_holder(real, tokens_of(real, body), "vllm-2")
     cfg = real.config()
+    cfg["kvcache"]["signals"] = "process"  # compress on the gateway's CPU, as the seed did
     cfg["kvcache"]["cache_strategy"] = {
         "enable_pinning": True, "hot_content_threshold": 1,
         "pin_instance_id": "vllm-2", "pin_location": "LocalCPUBackend",

@@ -251,7 +251,8 @@ def test_cancel_during_lookup_stops_before_pinning(make_gateway, controller) -> 
 
 
 def test_missing_evict_is_counted_and_switched_off(make_gateway, controller) -> None:
-    gw = make_gateway({"cache_strategy": {**PIN, "hot_content_threshold": 1,
+    gw = make_gateway({"signals": "process",  # the seed's memory signal drives evict
+                       "cache_strategy": {**PIN, "hot_content_threshold": 1,
                                           "enable_eviction": True, "memory_threshold": 0.5,
                                           "evict_instance_id": "vllm-1"}})
     gw.load.snapshot = lambda: LoadMetrics(cpu=0.0, memory=0.9)
