@@ -67,6 +67,10 @@ class CacheStrategyConfig:
     compress_location: str = ""
     compress_method: str = "zstd"
     evict_instance_id: str = ""
+    # signals: engine -- free space on an engine whose KV usage >= memory_threshold by
+    # offloading its coldest known content: move (to offload_location), clear or evict
+    offload_action: str = "move"
+    offload_location: str = "LocalDiskBackend"
 
 
 @dataclass
@@ -311,6 +315,9 @@ def validate(cfg: KVCacheConfig) -> None:
     ):
         if not 1 <= value <= 1024:
             raise ConfigError(path, value, "must be between 1 and 1024")
+    if cfg.cache_strategy.offload_action not in ("move", "clear", "evict"):
+        raise ConfigError("cache_strategy.offload_action", cfg.cache_strategy.offload_action,
+                          "must be move, clear or evict")
     if cfg.signals not in ("engine", "process"):
         raise ConfigError("signals", cfg.signals, "must be engine or process")
     if cfg.policy not in POLICIES:

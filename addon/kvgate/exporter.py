@@ -69,7 +69,8 @@ class Exporter(Collector):
         yield c
         g = GaugeMetricFamily("kvgate_breaker_state", "0 closed, 1 half-open, 2 open",
                               labels=["breaker"])
-        for name, br in (("tokenizer", gw.tokenizer_breaker), ("lmcache", gw.lmcache_breaker)):
+        for name, br in (("tokenizer", gw.tokenizer_breaker), ("lmcache", gw.lmcache_breaker),
+                         ("lmcache_actions", gw.actions_breaker)):
             g.add_metric([name], _BREAKER[br.state.value])
         yield g
         bg = gw.background.snapshot()

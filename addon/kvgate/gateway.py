@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from .tokens import TokenCache, Tokenizer, Tokens, tokens_from
 log = logging.getLogger("kvgate")
 
 PARSE_INLINE_MAX = 128 * 1024
+CONTENT_BOOK_SIZE = 10_000  # prompts remembered per gateway for offload decisions
 ROUTING_ERRORS = (CallError, BreakerOpen, Cancelled, TimeoutError)
 
 
@@ -75,6 +77,16 @@ class Gateway:
             HelperClient("lmcache", kv.lmcache_endpoint, self.pool, self.lmcache_breaker,
                          kv.retry)
         )
+        # Actions (pin, compress, offload) have their own breaker: a controller refusing
+        # an action must not stop the lookups that routing depends on.
+        self.actions_breaker = CircuitBreaker(
+            "lmcache-actions", cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls
+        )
+        self.actions = LMCacheClient(
+            HelperClient("lmcache", kv.lmcache_endpoint, self.pool, self.actions_breaker,
+                         kv.retry)
+        )
+        self.content: OrderedDict[str, tuple[str, Tokens]] = OrderedDict()
         self.aio_tokenizer = AsyncHelper("tokenizer", kv.vllm_endpoint, self.tokenizer_breaker,
                                          kv.routing_workers)
         self.aio_lmcache = AsyncHelper("lmcache", kv.lmcache_endpoint, self.lmcache_breaker,
@@ -99,6 +111,7 @@ class Gateway:
             self.exporter.serve(kv.metrics_host, kv.metrics_port)
         self.background = BoundedPool("kvgate-bg", kv.background_workers, kv.background_queue)
         self._closed = threading.Event()
+        self._content_lock = threading.Lock()
 
     # ------------------------------------------------------------ request path
 
@@ -330,10 +343,14 @@ class Gateway:
                     cs, self.load.snapshot() if needs_load else LoadMetrics(), hot)
             else:
                 decision = strategy.decide_on_engine(cs, self._busy(holder), hot)
-            if not decision.any:
+            results: list[strategy.ActionResult] = []
+            if self.kv.signals == "engine":
+                results += self._free_space(routed.key, holder, tokens, deadline)
+            if not decision.any and not results:
                 return []
-            results = strategy.execute(decision, tokens, cs, self.lmcache, deadline,
-                                       strategy.Targets.of(cs, holder))
+            if decision.any:
+                results += strategy.execute(decision, tokens, cs, self.actions, deadline,
+                                            strategy.Targets.of(cs, holder))
             for r in results:
                 self.counters.inc(f"actions.{r.action}_{r.result}")
             return results
@@ -346,6 +363,37 @@ class Gateway:
             self.counters.inc("background.failed")
             log.warning("[kvcache] cache management for %s failed: %s", routed.key[:12], exc)
         return []
+
+    def _free_space(self, key: str, holder: str | None, tokens: Tokens,
+                    deadline: Deadline) -> list[strategy.ActionResult]:
+        """Remember what each engine holds; when one is nearly full, offload its coldest
+        known content (least recently seen, not hot, never what is being served)."""
+        cs = self.kv.cache_strategy
+        if holder is None:
+            return []
+        with self._content_lock:
+            self.content[key] = (holder, tokens)
+            self.content.move_to_end(key)
+            while len(self.content) > CONTENT_BOOK_SIZE:
+                self.content.popitem(last=False)
+        if not cs.enable_eviction or cs.memory_threshold <= 0:
+            return []
+        stats = self.monitor.fresh(holder, max(3 * self.kv.metrics_interval, 1.0))
+        if stats is None or stats.kv_usage < cs.memory_threshold:
+            return []
+        victim: tuple[str, Tokens] | None = None
+        with self._content_lock:
+            for other, (ep, toks) in self.content.items():  # oldest first
+                if ep == holder and other != key and not self.hot.is_hot(
+                        other, cs.hot_content_threshold):
+                    victim = (other, toks)
+                    break
+            if victim is not None:
+                del self.content[victim[0]]
+        if victim is None:
+            return []
+        return [strategy.offload(cs.offload_action, holder, victim[1], cs, self.actions,
+                                 deadline)]
 
     def _holder(self, routed: Routed) -> str | None:
         """The instance holding the most of this prompt, else the one serving it."""
@@ -376,8 +424,9 @@ class Gateway:
             "breakers": {
                 "tokenizer": self.tokenizer_breaker.snapshot(),
                 "lmcache": self.lmcache_breaker.snapshot(),
+                "lmcache_actions": self.actions_breaker.snapshot(),
             },
-            "unsupported_actions": dict(self.lmcache.unsupported),
+            "unsupported_actions": {**self.lmcache.unsupported, **self.actions.unsupported},
             "background": self.background.snapshot(),
             "inflight": {n: dict(c.inflight) for n, c in self.clusters.items()},
             "ejected": [ep for ep, ok in self.health.snapshot().items() if not ok],

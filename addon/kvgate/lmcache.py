@@ -96,3 +96,13 @@ class LMCacheClient:
 
     def evict(self, instance_id: str, tokens: Sequence[int], deadline: Deadline) -> Any:
         return self._call("evict", {"instance_id": instance_id, "tokens": list(tokens)}, deadline)
+
+    def move(self, instance_id: str, old_location: str, new_location: str,
+             tokens: Sequence[int], deadline: Deadline) -> Any:
+        payload = {"old_position": [instance_id, old_location],
+                   "new_position": [instance_id, new_location],
+                   "tokens": list(tokens), "should_copy": False}
+        return self._call("move", payload, deadline)
+
+    def clear(self, instance_id: str, location: str, deadline: Deadline) -> Any:
+        return self._call("clear", {"instance_id": instance_id, "location": location}, deadline)

@@ -123,3 +123,25 @@ def execute(
             break
         results.append(ActionResult(name, "ok"))
     return results
+
+
+def offload(action: str, instance_id: str, tokens: Sequence[int], cfg: CacheStrategyConfig,
+            lmcache: LMCacheClient, deadline: Deadline) -> ActionResult:
+    """Free space on an engine by moving, clearing or evicting one piece of cold content."""
+    name = f"offload-{action}"
+    if not lmcache.supports(action):
+        return ActionResult(name, "unsupported")
+    try:
+        if action == "move":
+            lmcache.move(instance_id, cfg.pin_location or "LocalCPUBackend",
+                         cfg.offload_location, tokens, deadline)
+        elif action == "clear":
+            lmcache.clear(instance_id, cfg.pin_location or "LocalCPUBackend", deadline)
+        else:
+            lmcache.evict(instance_id, tokens, deadline)
+    except Unsupported:
+        return ActionResult(name, "unsupported")
+    except (CallError, BreakerOpen) as exc:
+        log.warning("[kvcache] %s on %s failed: %s", name, instance_id, exc)
+        return ActionResult(name, "error")
+    return ActionResult(name, "ok")

@@ -48,3 +48,42 @@ def test_hot_content_is_pinned_on_the_instance_that_holds_it(make_gateway, contr
     assert [r.action for r in results] == ["compress", "pin"]
     assert [c["instance_id"] for c in calls(controller, "/pin")] == ["vllm-3"]
     assert [c["instance_id"] for c in calls(controller, "/compress")] == ["vllm-3"]
+
+
+def test_a_full_engine_offloads_its_coldest_content_not_the_served_one(make_gateway,
+                                                                       controller) -> None:
+    import time
+
+    controller.layout = {"vllm-3": 4}
+    gw = make_gateway({"cache_strategy": {"enable_eviction": True, "memory_threshold": 0.8}})
+    gw.monitor.stats["vllm-3"] = EngineStats(running=1, waiting=0, kv_usage=0.95,
+                                             at=time.monotonic())
+    bodies = [b'{"model": "m", "prompt": [%d, 2, 3, 4]}' % i for i in (1, 2, 3)]
+    results = []
+    for body in bodies:
+        routed = gw.route("vllm", body)
+        results.append(gw.manage_cache(routed, threading.Event()))
+    assert results[0] == []  # nothing colder than the prompt being served
+    assert [r.action for r in results[1]] == ["offload-move"]
+    moves = calls(controller, "/move")
+    assert [m["tokens"] for m in moves] == [[1, 2, 3, 4], [2, 2, 3, 4]]  # oldest first
+    assert moves[0]["old_position"] == ["vllm-3", "LocalCPUBackend"]
+    assert moves[0]["new_position"] == ["vllm-3", "LocalDiskBackend"]
+
+
+def test_a_refused_action_never_opens_the_lookup_breaker(make_gateway, controller) -> None:
+    import time
+
+    controller.layout = {"vllm-3": 4}
+    gw = make_gateway({"circuit_breaker": {"failure_threshold": 1},
+                       "retry": {"max_attempts": 1},
+                       "cache_strategy": {"enable_eviction": True, "memory_threshold": 0.8,
+                                          "offload_action": "clear"}})
+    gw.monitor.stats["vllm-3"] = EngineStats(kv_usage=0.95, at=time.monotonic())
+    controller.script["/clear"] = [500] * 10
+    for i in (1, 2, 3):
+        routed = gw.route("vllm", b'{"model": "m", "prompt": [%d, 9]}' % i)
+        assert routed.decision.reason == "cache"
+        gw.manage_cache(routed, threading.Event())
+    assert gw.actions_breaker.snapshot()["state"] == "open"
+    assert gw.lmcache_breaker.snapshot()["state"] == "closed"
