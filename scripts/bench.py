@@ -70,7 +70,8 @@ def _words(rng: random.Random, n: int) -> str:
 
 
 def multi_turn_chat(rng: random.Random, scale: float) -> Workload:
-    convs, turns, clients = int(48 * scale), 5, 8
+    # the working set must exceed the engines' capacity even in --quick: keep all 48
+    convs, turns, clients = 48, 5 if scale >= 1 else 4, 8
     systems = [_words(rng, 800) for _ in range(convs)]
     questions = [[_words(rng, 60) for _ in range(turns)] for _ in range(convs)]
 

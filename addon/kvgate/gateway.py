@@ -49,6 +49,8 @@ class Routed:
     tokens: Tokens | None = None
     placements: list[Placement] | None = None
     body: bytes = b""
+    prefix_tokens: Tokens | None = None
+    """Tokens of an earlier turn of this conversation: enough to look up where it lives."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -138,9 +140,18 @@ class Gateway:
         key = cache_key(parsed.model, parsed.key_text)
         self.hot.record(key)
         tokens = parsed.token_ids if parsed.token_ids is not None else self.token_cache.get(key)
+        prefix: Tokens | None = None
+        if tokens is None and self.kv.route_on_miss:  # the seed routes exact repeats only
+            # a new turn: an earlier turn's prompt is a prefix of this one, and its tokens
+            # are enough to ask LMCache where the conversation lives
+            for earlier in parsed.prefixes:
+                prefix = self.token_cache.peek(cache_key(parsed.model, earlier))
+                if prefix is not None:
+                    self.counters.inc("tokenize.prefix_reused")
+                    break
         # the body is kept only while it may still be needed for /tokenize
         return Routed(None, parsed=parsed, key=key, body=body if tokens is None else b"",
-                      tokens=tokens)
+                      tokens=tokens, prefix_tokens=prefix)
 
     def _tokenized(self, routed: Routed, tokens: Tokens | None, exc: Exception | None,
                    cluster_name: str) -> bool:
@@ -180,7 +191,7 @@ class Gateway:
                 self.counters.inc(f"routes.{routing.CACHE}")
                 routed.decision = routing.RouteDecision(best[0], routing.CACHE, best[1])
             return self._remember(routed)
-        n_tokens = len(routed.tokens or ())
+        n_tokens = len(routed.tokens or routed.prefix_tokens or ())
         ahead = self.ahead(cluster)
         pick = routing.cheapest(n_tokens, placements, cluster.endpoints, cluster.healthy,
                                 ahead, self.cost_model, cluster.inflight)
@@ -248,17 +259,18 @@ class Gateway:
         if routed.decision is not None:
             return routed
         deadline = Deadline(self.routing_budget)
-        if routed.tokens is None and self.kv.route_on_miss:
+        if routed.tokens is None and routed.prefix_tokens is None and self.kv.route_on_miss:
             try:
                 tokens = self.tokenizer.tokenize(body, deadline)
             except ROUTING_ERRORS as exc:
                 self._tokenized(routed, None, exc, cluster_name)
                 return routed
             self._tokenized(routed, tokens, None, cluster_name)
-        if routed.tokens is None:
+        probe = routed.tokens if routed.tokens is not None else routed.prefix_tokens
+        if probe is None:
             return self._no_tokens(cluster_name, routed)
         try:
-            placements = self.lmcache.lookup(routed.tokens, deadline)
+            placements = self.lmcache.lookup(probe, deadline)
         except ROUTING_ERRORS as exc:
             return self.finish(cluster_name, routed, None, exc)
         return self.finish(cluster_name, routed, placements, None)
@@ -279,7 +291,7 @@ class Gateway:
         if routed.decision is not None:
             return routed
         end = loop.time() + self.routing_budget
-        if routed.tokens is None and self.kv.route_on_miss:
+        if routed.tokens is None and routed.prefix_tokens is None and self.kv.route_on_miss:
             try:
                 with self.exporter.tokenize_seconds.time():
                     answer = await self.aio_tokenizer.post("/tokenize", body, end - loop.time())
@@ -288,12 +300,13 @@ class Gateway:
                 self._tokenized(routed, None, exc, cluster_name)
                 return routed
             self._tokenized(routed, tokens, None, cluster_name)
-        if routed.tokens is None:
+        probe = routed.tokens if routed.tokens is not None else routed.prefix_tokens
+        if probe is None:
             return self._no_tokens(cluster_name, routed)
         try:
             with self.exporter.lookup_seconds.time():
                 answer = await self.aio_lmcache.post(
-                    "/lookup", lookup_body(routed.tokens), end - loop.time()
+                    "/lookup", lookup_body(probe), end - loop.time()
                 )
         except ROUTING_ERRORS as exc:
             return self.finish(cluster_name, routed, None, exc)

@@ -17,6 +17,9 @@ class ParsedRequest:
     """The text the seed keys on (string prompt, joined list items or message contents)."""
     token_ids: tuple[int, ...] | None
     """Token ids given by the client (completions with an int-list prompt)."""
+    prefixes: tuple[str, ...] = ()
+    """Chat only: the key texts of the conversation's earlier shapes (all messages but the
+    last one, but the last two, ...), longest first: an earlier turn's prompt."""
 
     @property
     def key_text(self) -> str:
@@ -77,16 +80,19 @@ def _content_text(content: Any) -> str | None:
     return None
 
 
-def _messages_text(messages: Any) -> str:
+def _messages_parts(messages: Any) -> list[str | None]:
+    """Per message its text (None: no text), so prefixes by message count can be rebuilt."""
     if not isinstance(messages, list):
-        return ""
-    parts: list[str] = []
-    for msg in messages:
-        if isinstance(msg, dict):
-            text = _content_text(msg.get("content"))
-            if text is not None:
-                parts.append(text)
-    return "\n".join(parts)
+        return []
+    return [_content_text(m.get("content")) if isinstance(m, dict) else None
+            for m in messages]
+
+
+def _join(parts: list[str | None]) -> str:
+    return "\n".join(p for p in parts if p is not None).strip()
+
+
+MAX_PREFIXES = 8  # earlier conversation shapes probed on a token-cache miss
 
 
 def parse_body(body: bytes, default_model: str) -> ParsedRequest:
@@ -105,9 +111,15 @@ def parse_body(body: bytes, default_model: str) -> ParsedRequest:
     raw_prompt = payload.get("prompt")
     ids = _prompt_ids(raw_prompt)
     text = "" if ids is not None else _prompt_text(raw_prompt)
+    prefixes: list[str] = []
     if ids is None and not text:
-        text = _messages_text(payload.get("messages"))
+        parts = _messages_parts(payload.get("messages"))
+        text = _join(parts)
+        for k in range(len(parts) - 1, max(0, len(parts) - 1 - MAX_PREFIXES), -1):
+            earlier = _join(parts[:k])
+            if earlier and earlier != text and (not prefixes or earlier != prefixes[-1]):
+                prefixes.append(earlier)
     text = text.strip()
     if ids is None and not text:
         raise NotParsed("no prompt")
-    return ParsedRequest(model=model, prompt=text, token_ids=ids)
+    return ParsedRequest(model=model, prompt=text, token_ids=ids, prefixes=tuple(prefixes))

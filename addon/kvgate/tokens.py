@@ -40,6 +40,13 @@ class TokenCache:
                 self.hits += 1
             return tokens
 
+    def peek(self, key: str) -> Tokens | None:
+        """A probe that does not count as a hit or miss (conversation prefixes)."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            return self._cache.get(key)
+
     def put(self, key: str, tokens: Sequence[int]) -> None:
         if self.enabled and tokens:
             with self._lock:
