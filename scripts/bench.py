@@ -37,9 +37,8 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "addon"))
-from kvgate.sim.cli import Cluster  # noqa: E402
+from kvgate.sim.cli import start_on_free_ports  # noqa: E402
 from kvgate.sim.engine import EngineParams  # noqa: E402
-from kvgate.sim.ports import free_ports  # noqa: E402
 from kvgate.sim.run import gateway  # noqa: E402
 
 POLICIES = ("round_robin", "seed", "kvgate", "pooled_bound")
@@ -191,21 +190,9 @@ def engine_params(pooled: bool, time_scale: float) -> EngineParams:
                         max_output=16, time_scale=time_scale)
 
 
-def start_cluster(n: int, params: EngineParams) -> Cluster:
-    while True:
-        *ports, ctl = free_ports(n + 1)
-        cluster = Cluster(n, ports[0], ctl, params)
-        cluster.ports = {f"vllm-{i + 1}": p for i, p in enumerate(ports)}
-        try:
-            cluster.start()
-            return cluster
-        except OSError:
-            cluster.stop()
-
-
 def run_one(wl: Workload, policy: str, time_scale: float) -> dict:
     pooled = policy == "pooled_bound"
-    cluster = start_cluster(1 if pooled else ENGINES, engine_params(pooled, time_scale))
+    cluster = start_on_free_ports(1 if pooled else ENGINES, engine_params(pooled, time_scale))
     try:
         cfg = cluster.config()
         kv = cfg["kvcache"]

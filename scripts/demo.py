@@ -30,9 +30,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "addon"))
-from kvgate.sim.cli import Cluster  # noqa: E402
+from kvgate.sim.cli import start_on_free_ports  # noqa: E402
 from kvgate.sim.engine import EngineParams  # noqa: E402
-from kvgate.sim.ports import free_ports  # noqa: E402
 from kvgate.sim.run import gateway  # noqa: E402
 
 POLICIES = ("kvgate", "round_robin")
@@ -133,19 +132,6 @@ def play(port: int, convs: list[Conversation], clients: int, bar: tqdm) -> Resul
     return result
 
 
-def start_cluster(params: EngineParams, engines: int = 3) -> Cluster:
-    """A twin-controller cluster on free ports (retried if a port was taken meanwhile)."""
-    while True:
-        *ports, ctl = free_ports(engines + 1)
-        cluster = Cluster(engines, ports[0], ctl, params)
-        cluster.ports = {f"vllm-{i + 1}": p for i, p in enumerate(ports)}
-        try:
-            cluster.start()
-            return cluster
-        except OSError:
-            cluster.stop()
-
-
 def chart(results: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -198,7 +184,7 @@ def main() -> int:
           f"{args.clients} clients; 3 simulated engines + twin controller per policy")
     results: dict[str, dict] = {}
     for policy in POLICIES:
-        cluster = start_cluster(params)
+        cluster = start_on_free_ports(3, params)
         try:
             cfg = cluster.config()
             cfg["kvcache"]["enabled"] = policy == "kvgate"

@@ -196,6 +196,19 @@ class Cluster:
         self.procs.clear()
 
 
+def start_on_free_ports(engines: int, params: EngineParams) -> Cluster:
+    """A twin-controller cluster on free ports (retried if a port was taken meanwhile)."""
+    while True:
+        *ports, ctl = free_ports(engines + 1)
+        cluster = Cluster(engines, ports[0], ctl, params)
+        cluster.ports = {f"vllm-{i + 1}": p for i, p in enumerate(ports)}
+        try:
+            cluster.start()
+            return cluster
+        except OSError:
+            cluster.stop()
+
+
 def run_cluster(args: argparse.Namespace) -> None:
     cluster = Cluster(args.engines, args.base_port, args.controller_port or free_port(),
                       params_from(args), real=args.real_controller,
