@@ -254,26 +254,8 @@ class Gateway:
         return self._remember(routed)
 
     def route(self, cluster_name: str, body: bytes) -> Routed:
-        """Blocking form of ``route_async`` (threads, tests): same steps, same budget."""
-        routed = self.prepare(cluster_name, body)
-        if routed.decision is not None:
-            return routed
-        deadline = Deadline(self.routing_budget)
-        if routed.tokens is None and routed.prefix_tokens is None and self.kv.route_on_miss:
-            try:
-                tokens = self.tokenizer.tokenize(body, deadline)
-            except ROUTING_ERRORS as exc:
-                self._tokenized(routed, None, exc, cluster_name)
-                return routed
-            self._tokenized(routed, tokens, None, cluster_name)
-        probe = routed.tokens if routed.tokens is not None else routed.prefix_tokens
-        if probe is None:
-            return self._no_tokens(cluster_name, routed)
-        try:
-            placements = self.lmcache.lookup(probe, deadline)
-        except ROUTING_ERRORS as exc:
-            return self.finish(cluster_name, routed, None, exc)
-        return self.finish(cluster_name, routed, placements, None)
+        """Blocking form of ``route_async`` for threads and tests (its own event loop)."""
+        return asyncio.run(self.route_async(cluster_name, body))
 
     async def route_async(self, cluster_name: str, body: bytes) -> Routed:
         """Parse and pick an endpoint on the event loop, spending at most the routing budget."""
