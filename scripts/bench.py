@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import sys
 import threading
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import requests
 from tqdm import tqdm
@@ -176,7 +178,8 @@ def play(port: int, wl: Workload, bar: tqdm) -> Tally:
                 tally.cached += usage["prompt_tokens_details"]["cached_tokens"]
             bar.update(1)
 
-    threads = [threading.Thread(target=client, args=(s,)) for s in wl.clients]
+    # daemon: an interrupted run must not wait at exit for clients still mid-request
+    threads = [threading.Thread(target=client, args=(s,), daemon=True) for s in wl.clients]
     for t in threads:
         t.start()
     for t in threads:
@@ -283,7 +286,14 @@ def charts(res: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (CI timeouts, ``kill``) unwinds like Ctrl-C: the ``finally`` blocks stop the
+    cluster and mitmdump instead of leaving them running."""
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a third of the requests")
@@ -328,4 +338,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted: cluster and gateway stopped", file=sys.stderr)
+        sys.exit(130)

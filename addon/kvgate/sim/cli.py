@@ -54,10 +54,16 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
 
 def start_twin_engine(engine_id: str, port: int, controller_url: str,
                       params: EngineParams) -> SimEngine:
+    """An engine reporting to the twin; on failure (a port clash) nothing is left running."""
     reporter = TwinReporter(controller_url, engine_id, f"http://127.0.0.1:{port}")
     engine = SimEngine(engine_id, params, reporter)
-    engine.start(port)
-    reporter.register()
+    try:
+        engine.start(port)
+        reporter.register()
+    except BaseException:
+        engine.stop()
+        reporter.stop()
+        raise
     return engine
 
 
@@ -78,7 +84,11 @@ def run_engine(args: argparse.Namespace) -> None:
         worker.start()
         engine.start(args.port)
         worker.registered.wait(30)
-    elif args.controller_url:
+        print(f"ready engine {args.id} on 127.0.0.1:{args.port}", flush=True)
+        _wait_for_signal()
+        worker.stop()  # closes its ZMQ sockets before the process exits
+        return
+    if args.controller_url:
         start_twin_engine(args.id, args.port, args.controller_url, params)
     else:
         SimEngine(args.id, params).start(args.port)
@@ -179,8 +189,11 @@ class Cluster:
         return gateway_config(self.ports, self.controller_port)
 
     def stop(self) -> None:
+        """Engines, their reporter threads (before the twin they post to), then the rest."""
         for e in self.engines.values():
             e.stop()
+            if isinstance(e.reporter, TwinReporter):
+                e.reporter.stop()
         if self.twin is not None:
             self.twin.stop()
         for proc in reversed(self.procs):
@@ -206,7 +219,10 @@ def start_on_free_ports(engines: int, params: EngineParams) -> Cluster:
             cluster.start()
             return cluster
         except OSError:
+            cluster.stop()  # engines and their reporter threads: only the retry lives on
+        except BaseException:
             cluster.stop()
+            raise
 
 
 def run_cluster(args: argparse.Namespace) -> None:

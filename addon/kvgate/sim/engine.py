@@ -7,6 +7,10 @@ Defaults are in the range of an 8B model on one H100 (about 14k prefill tokens/s
 CPU-tier load ten times cheaper than recomputing, ~12 ms per decode step, 450k tokens
 of KV in GPU memory, 1M in the CPU tier). Faults on demand via ``POST /_stub/config``:
 ``delay``, ``status``, ``error_rate``, ``garbage``, ``hang``, ``crash``.
+
+``vllm:kv_cache_usage_perc`` means what it means in vLLM: the share of GPU KV blocks held
+by running requests (prompt plus output, in whole blocks), not the prefix cache's
+occupancy, which is near 1 as soon as the engine is warm.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .cache import Admission, ChunkKey, KVCacheModel, chunk_keys
+from .cache import BLOCK, Admission, ChunkKey, KVCacheModel, chunk_keys
 from .stub import StubApp, _Handler, tokenize_request
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -41,7 +45,11 @@ class EngineParams:
 
 
 class Reporter(Protocol):
-    """Where an engine tells its controller which CPU-tier chunks it admitted or evicted."""
+    """Where an engine tells its controller which CPU-tier chunks it admitted or evicted.
+
+    ``report`` is called with the engine's cache lock held, so that reports arrive in the
+    order the cache applied them: it must only enqueue, never do network I/O.
+    """
 
     def report(self, admitted: list[ChunkKey], evicted: list[ChunkKey]) -> None: ...
 
@@ -59,6 +67,7 @@ class SimEngine(StubApp):
         self.slots = threading.BoundedSemaphore(self.p.batch_slots)
         self.running = 0
         self.waiting = 0
+        self.running_kv_tokens = 0  # KV of in-flight requests, in whole GPU blocks
         self.queries = 0  # prompt tokens seen (vLLM's prefix_cache_queries)
         self.hits = 0  # of those, served from cache
         self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
@@ -134,6 +143,10 @@ class SimEngine(StubApp):
 
     def generate(self, h: _Handler, chat: bool, body: dict, tokens: list[int],
                  hdrs: dict[str, str]) -> None:
+        n_out = body.get("max_tokens") or body.get("max_completion_tokens") or self.p.max_output
+        n_out = max(1, min(int(n_out) if isinstance(n_out, int) else self.p.max_output,
+                           self.p.max_output))
+        kv_tokens = -(-(len(tokens) + n_out) // BLOCK) * BLOCK  # the blocks it will hold
         arrived = time.monotonic()
         with self.lock:
             self.waiting += 1
@@ -142,9 +155,11 @@ class SimEngine(StubApp):
         with self.lock:
             self.waiting -= 1
             self.running += 1
+            self.running_kv_tokens += kv_tokens
         try:
             with self.cache_lock:
                 adm = self.cache.serve(tokens)
+                self._report([k for k, _ in adm.admitted], adm.evicted)
             self._account(adm, len(tokens))
             uncached = len(tokens) - adm.cached
             prefill_ms = uncached * self.p.prefill_ms + adm.cpu_hit * self.p.load_ms
@@ -155,9 +170,6 @@ class SimEngine(StubApp):
             self._record_ttft(ttft_ms / 1000)
             hdrs = {**hdrs, "x-sim-ttft-ms": f"{ttft_ms:.3f}",
                     "x-sim-cached-tokens": str(adm.cached)}
-            n_out = body.get("max_tokens") or body.get("max_completion_tokens") or self.p.max_output
-            n_out = max(1, min(int(n_out) if isinstance(n_out, int) else self.p.max_output,
-                               self.p.max_output))
             with self.lock:  # model time this request occupies the engine
                 self.busy_ms += prefill_ms + n_out * self.p.decode_ms
             usage = {"prompt_tokens": len(tokens), "completion_tokens": n_out,
@@ -180,6 +192,7 @@ class SimEngine(StubApp):
         finally:
             with self.lock:
                 self.running -= 1
+                self.running_kv_tokens -= kv_tokens
             self.slots.release()
 
     def _stream(self, h: _Handler, chat: bool, n_out: int, usage: dict, body: dict,
@@ -228,8 +241,17 @@ class SimEngine(StubApp):
         with self.lock:
             self.queries += n
             self.hits += adm.cached
-        if self.reporter is not None and (adm.admitted or adm.evicted):
-            self.reporter.report([k for k, _ in adm.admitted], adm.evicted)
+
+    def _report(self, admitted: list[ChunkKey], evicted: list[ChunkKey]) -> None:
+        """Tell the controller; call with ``cache_lock`` held so that reports keep the
+        cache's order (an EVICT never overtakes the ADMIT of the same key)."""
+        if self.reporter is not None and (admitted or evicted):
+            self.reporter.report(admitted, evicted)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """vLLM's ``kv_cache_usage_perc``: GPU KV held by running requests / capacity."""
+        return min(1.0, self.running_kv_tokens / self.cache.gpu_capacity)
 
     def _record_ttft(self, seconds: float) -> None:
         with self.lock:
@@ -240,15 +262,16 @@ class SimEngine(StubApp):
     def metrics_text(self) -> str:
         m = f'model_name="{self.p.model}"'
         with self.lock:
+            kv_usage = self.kv_cache_usage
             lines = [
                 "# TYPE vllm:num_requests_running gauge",
                 f"vllm:num_requests_running{{{m}}} {self.running}",
                 "# TYPE vllm:num_requests_waiting gauge",
                 f"vllm:num_requests_waiting{{{m}}} {self.waiting}",
                 "# TYPE vllm:kv_cache_usage_perc gauge",
-                f"vllm:kv_cache_usage_perc{{{m}}} {self.cache.gpu_usage:.6f}",
+                f"vllm:kv_cache_usage_perc{{{m}}} {kv_usage:.6f}",
                 "# TYPE vllm:gpu_cache_usage_perc gauge",
-                f"vllm:gpu_cache_usage_perc{{{m}}} {self.cache.gpu_usage:.6f}",
+                f"vllm:gpu_cache_usage_perc{{{m}}} {kv_usage:.6f}",
                 "# TYPE vllm:prefix_cache_queries_total counter",
                 f"vllm:prefix_cache_queries_total{{{m}}} {self.queries}",
                 "# TYPE vllm:prefix_cache_hits_total counter",
@@ -294,17 +317,12 @@ class SimEngine(StubApp):
             if op == "decompress":
                 return {"num_tokens": self.cache.decompress(tokens)}
             if op == "clear":
-                gone = self.cache.clear()
-            elif op == "move":
+                self._report([], self.cache.clear())  # under the lock, like every report
+                return {"num_tokens": 0}
+            if op == "move":
                 held = self.cache.cpu_prefix(tokens)
-                gone = self.cache.drop(tokens) if not req.get("copy") else []
-                if self.reporter is not None and gone:
-                    self.reporter.report([], gone)
+                self._report([], self.cache.drop(tokens) if not req.get("copy") else [])
                 return {"num_tokens": held}
-            elif op == "health":
-                return {"error_code": 0}
-            else:
-                return {"error_code": 1, "detail": f"unknown op {op!r}"}
-        if self.reporter is not None and gone:
-            self.reporter.report([], gone)
-        return {"num_tokens": 0}
+        if op == "health":
+            return {"error_code": 0}
+        return {"error_code": 1, "detail": f"unknown op {op!r}"}

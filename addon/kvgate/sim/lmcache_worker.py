@@ -7,6 +7,10 @@ pushes ADMIT/EVICT batches (PUSH -> PULL, pull port), answers the controller's
 pin/compress/decompress/clear/move/health requests on its REP socket by acting on the
 engine's cache model, and re-registers and re-sends what it holds when the controller
 comes back after a restart.
+
+What it holds goes out as a full sync (FullSyncStart, batches, FullSyncEnd), as the real
+worker answers a FullSyncCommand: a controller asks every worker for one after it starts
+and keeps asking, in each heartbeat reply, until the worker's sync is complete.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +30,7 @@ from lmcache.v1.token_database import ChunkedTokenDatabase
 
 log = logging.getLogger("kvgate.sim")
 LOCATION = "LocalCPUBackend"
+SYNC_BATCH = 2000  # keys per FullSyncBatchMsg (lmcache's full_sync_batch_size default)
 
 _db = ChunkedTokenDatabase()
 
@@ -51,6 +57,7 @@ class LMCacheWorker:
         self._seq = 0
         self.registered = threading.Event()
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------ engine side
 
@@ -58,11 +65,19 @@ class LMCacheWorker:
         self._ops.put((admitted, evicted))
 
     def start(self) -> None:
-        threading.Thread(target=self._control_loop, daemon=True, name="lmc-rep").start()
-        threading.Thread(target=self._push_loop, daemon=True, name="lmc-push").start()
+        self._threads = [
+            threading.Thread(target=self._control_loop, daemon=True, name="lmc-rep"),
+            threading.Thread(target=self._push_loop, daemon=True, name="lmc-push"),
+        ]
+        for t in self._threads:
+            t.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop both loops and wait for them, so their sockets are closed on return."""
         self._stop.set()
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
 
     # ------------------------------------------------------------ registration + ops
 
@@ -88,6 +103,38 @@ class LMCacheWorker:
             return False
         return isinstance(ret, m.RegisterRetMsg)
 
+    @staticmethod
+    def heartbeat_ok(ret: Any) -> bool:
+        """A plain HeartbeatRetMsg: the controller knows us and holds what we sent.
+
+        Anything else (an ErrorMsg, or commands such as FullSyncCommand after the
+        controller restarted and re-registered us with nothing held) means register
+        again and resend what we hold.
+        """
+        return isinstance(ret, m.HeartbeatRetMsg) and not ret.commands
+
+    def _sync(self, dealer: zmq.Socket, push: zmq.Socket) -> None:
+        """Send everything held as a full sync; a plain ADMIT batch if it is refused."""
+        keys = self.held_keys()
+        sync_id = uuid.uuid4().hex
+        batches = [keys[i:i + SYNC_BATCH] for i in range(0, len(keys), SYNC_BATCH)]
+        try:
+            ret = self._ask(dealer, m.FullSyncStartMsg(
+                instance_id=self.instance_id, worker_id=0, location=LOCATION, sync_id=sync_id,
+                total_keys=len(keys), batch_count=len(batches)))
+        except zmq.ZMQError:
+            ret = None
+        if not (isinstance(ret, m.FullSyncStartRetMsg) and ret.accepted):
+            self._push(push, keys, [])
+            return
+        for batch_id, batch in enumerate(batches):
+            push.send(msgspec.msgpack.encode(m.FullSyncBatchMsg(
+                instance_id=self.instance_id, worker_id=0, location=LOCATION,
+                sync_id=sync_id, batch_id=batch_id, keys=batch)))
+        push.send(msgspec.msgpack.encode(m.FullSyncEndMsg(
+            instance_id=self.instance_id, worker_id=0, location=LOCATION, sync_id=sync_id,
+            actual_total_keys=len(keys))))
+
     def _push(self, push: zmq.Socket, admitted: list[int], evicted: list[int]) -> None:
         ops = []
         for key in admitted:
@@ -102,58 +149,73 @@ class LMCacheWorker:
 
     def _push_loop(self) -> None:
         push = self.ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(self.pull_url)
-        dealer = self._dealer()
-        next_beat = 0.0
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + self.heartbeat
-                if not self.registered.is_set():
-                    if self._register(dealer):
-                        self.registered.set()
-                        self._push(push, self.held_keys(), [])  # (re)send what we hold
+        dealer: zmq.Socket | None = None
+        try:
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(self.pull_url)
+            dealer = self._dealer()
+            next_beat = 0.0
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat
+                    if not self.registered.is_set():
+                        if self._register(dealer):
+                            self.registered.set()
+                            self._sync(dealer, push)  # (re)send what we hold
+                        else:
+                            dealer.close()
+                            dealer = self._dealer()
                     else:
-                        dealer.close()
-                        dealer = self._dealer()
-                else:
-                    try:
-                        self._ask(dealer, m.HeartbeatMsg(
-                            instance_id=self.instance_id, worker_id=0, ip=self.host,
-                            port=self.rep_port, peer_init_url=None))
-                    except zmq.ZMQError:
-                        # the controller went away: register again when it is back
-                        self.registered.clear()
-                        dealer.close()
-                        dealer = self._dealer()
-                        next_beat = now + 0.5
-            try:
-                admitted, evicted = self._ops.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if self.registered.is_set():
-                self._push(push, admitted, evicted)
+                        try:
+                            ret = self._ask(dealer, m.HeartbeatMsg(
+                                instance_id=self.instance_id, worker_id=0, ip=self.host,
+                                port=self.rep_port, peer_init_url=None))
+                        except zmq.ZMQError:
+                            # the controller went away: register again when it is back
+                            self.registered.clear()
+                            dealer.close()
+                            dealer = self._dealer()
+                            next_beat = now + 0.5
+                        else:
+                            if not self.heartbeat_ok(ret):
+                                log.info("[kvgate-sim] heartbeat answered %r: registering "
+                                         "again", ret)
+                                self.registered.clear()
+                                next_beat = now  # at once, on the same (working) socket
+                try:
+                    admitted, evicted = self._ops.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if self.registered.is_set():
+                    self._push(push, admitted, evicted)
+        finally:
+            push.close(linger=0)
+            if dealer is not None:
+                dealer.close(linger=0)
 
     # ------------------------------------------------------------ control requests
 
     def _control_loop(self) -> None:
         rep = self.ctx.socket(zmq.REP)
-        rep.setsockopt(zmq.LINGER, 0)
-        rep.bind(f"tcp://{self.host}:{self.rep_port}")
-        poller = zmq.Poller()
-        poller.register(rep, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(200):
-                continue
-            raw = rep.recv()
-            try:
-                req = msgspec.msgpack.decode(raw, type=m.Msg)
-                ret = self._answer(req)
-            except Exception as exc:  # answer something: a REP socket must reply
-                log.warning("[kvgate-sim] control request failed: %r", exc)
-                ret = m.HealthWorkerRetMsg(error_code=1)
-            rep.send(msgspec.msgpack.encode(ret))
+        try:
+            rep.setsockopt(zmq.LINGER, 0)
+            rep.bind(f"tcp://{self.host}:{self.rep_port}")
+            poller = zmq.Poller()
+            poller.register(rep, zmq.POLLIN)
+            while not self._stop.is_set():
+                if not poller.poll(200):
+                    continue
+                raw = rep.recv()
+                try:
+                    req = msgspec.msgpack.decode(raw, type=m.Msg)
+                    ret = self._answer(req)
+                except Exception as exc:  # answer something: a REP socket must reply
+                    log.warning("[kvgate-sim] control request failed: %r", exc)
+                    ret = m.HealthWorkerRetMsg(error_code=1)
+                rep.send(msgspec.msgpack.encode(ret))
+        finally:
+            rep.close(linger=0)
 
     def _answer(self, req: Any) -> Any:
         tokens = list(getattr(req, "tokens", None) or [])

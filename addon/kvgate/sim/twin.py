@@ -129,8 +129,12 @@ class TwinReporter:
         self.url = controller_url.rstrip("/")
         self.instance_id = instance_id
         self.engine_url = engine_url
-        self._q: queue.Queue[tuple[list[ChunkKey], list[ChunkKey]]] = queue.Queue()
-        threading.Thread(target=self._run, daemon=True, name=f"twin-{instance_id}").start()
+        # None is the stop sentinel: it is sent after every report already queued
+        self._q: queue.Queue[tuple[list[ChunkKey], list[ChunkKey]] | None] = queue.Queue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"twin-{instance_id}")
+        self._thread.start()
 
     def _post(self, path: str, payload: dict[str, Any]) -> None:
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
@@ -142,7 +146,9 @@ class TwinReporter:
         self._post("/_twin/register", {"instance_id": self.instance_id, "url": self.engine_url})
 
     def report(self, admitted: list[ChunkKey], evicted: list[ChunkKey]) -> None:
-        self._q.put((admitted, evicted))
+        """Enqueue only (the engine calls this under its cache lock); dropped once stopped."""
+        if not self._stopped:
+            self._q.put((admitted, evicted))
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every report so far has reached the controller (tests, demo)."""
@@ -150,10 +156,21 @@ class TwinReporter:
         while self._q.unfinished_tasks and time.monotonic() < end:
             time.sleep(0.002)
 
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the sender thread once what is queued has been sent, so that a stopped
+        cluster (or a failed start retried on other ports) leaves no thread behind."""
+        if not self._stopped:
+            self._stopped = True
+            self._q.put(None)
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         while True:
-            admitted, evicted = self._q.get()
+            item = self._q.get()
             try:
+                if item is None:
+                    return
+                admitted, evicted = item
                 self._post("/_twin/ops", {"instance_id": self.instance_id, "location": LOCATION,
                                           "admitted": admitted, "evicted": evicted})
             except OSError:
