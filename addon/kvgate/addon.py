@@ -78,6 +78,9 @@ class KVCacheAddon:
             return
         try:
             cfg = config.load(path)
+            if self.gateway is not None and self.gateway.cfg == cfg:
+                return  # same settings (e.g. an option rolled back): keep caches and counters
+            self._start(Gateway(cfg))
         except Exception as exc:  # ConfigError, or a shape the checks did not foresee
             if not isinstance(exc, config.ConfigError):
                 exc = config.ConfigError("kvcache_config", path,
@@ -88,9 +91,6 @@ class KVCacheAddon:
             # At start-up an error logged here makes mitmproxy exit (errorcheck addon).
             log.error("%s", exc)
             return
-        if self.gateway is not None and self.gateway.cfg == cfg:
-            return  # same settings (e.g. an option rolled back): keep caches and counters
-        self._swap(Gateway(cfg))
         kv = cfg.kvcache
         log.info(
             "[kvcache] config %s: enabled=%s, clusters=%s, route_on_miss=%s",
@@ -98,6 +98,27 @@ class KVCacheAddon:
             ", ".join(f"{n}({len(c.endpoints)})" for n, c in cfg.clusters.items()),
             kv.route_on_miss,
         )
+
+    def _start(self, new: Gateway) -> None:
+        """Start ``new`` and retire the old gateway; on failure the old one stays in force.
+
+        The old gateway's admin port is freed first, so a reload may keep the same port."""
+        old = self.gateway
+        if old is not None:
+            old.exporter.close()
+        try:
+            new.start()
+        except OSError as exc:
+            new.close()
+            if old is not None and old.kv.metrics_port:
+                try:
+                    old.exporter.serve(old.kv.metrics_host, old.kv.metrics_port)
+                except OSError:
+                    log.warning("[kvcache] admin port %s could not be reopened",
+                                old.kv.metrics_port)
+            raise config.ConfigError("metrics_port", new.kv.metrics_port,
+                                     f"cannot listen: {exc.strerror or exc}") from None
+        self._swap(new)
 
     def _swap(self, new: Gateway | None) -> None:
         old, self.gateway = self.gateway, new

@@ -40,9 +40,10 @@ class Exporter(Collector):
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     def describe(self) -> list:
         return []
@@ -63,7 +64,7 @@ class Exporter(Collector):
         yield c
         c = CounterMetricFamily("kvgate_helper_calls", "request-path helper calls",
                                 labels=["helper", "result"])
-        for helper in ("lookup", "tokenize"):
+        for helper in ("lookup", "tokenize", "discovery"):
             for key, n in groups.get(helper, {}).items():
                 c.add_metric([helper, key], n)
         yield c

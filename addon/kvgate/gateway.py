@@ -20,13 +20,15 @@ from .background import BoundedPool
 from .breaker import BreakerOpen, CircuitBreaker
 from .client import CallError, HelperClient, Unsupported, make_pool
 from .cluster import Cluster
-from .config import GatewayConfig, Route
+from .config import ConfigError, GatewayConfig, Route
 from .deadline import Cancelled, Deadline
+from .discovery import Discovery
 from .exporter import Exporter
 from .health import EngineMonitor, HealthBook
 from .hotness import HotTracker
 from .lmcache import LMCacheClient, Placement, lookup_body, parse_layout
 from .load import LoadMetrics, LoadMonitor
+from .local_tokenizer import LocalTokenizer, TokenizerLoadError
 from .metrics import Counters
 from .parsing import NotParsed, ParsedRequest, cache_key, parse_body
 from .prefix_index import PrefixIndex
@@ -54,7 +56,20 @@ class Routed:
     notes: list[str] = field(default_factory=list)
 
 
+def load_tokenizers(paths: dict[str, str]) -> dict[str, LocalTokenizer]:
+    out: dict[str, LocalTokenizer] = {}
+    for model, path in paths.items():
+        try:
+            out[model] = LocalTokenizer(path)
+        except TokenizerLoadError as exc:
+            raise ConfigError(f"tokenizers.{model}", path, str(exc)) from None
+    return out
+
+
 class Gateway:
+    """Built without side effects (a bad config costs nothing); ``start`` opens threads
+    and the admin port, ``close`` ends them."""
+
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         kv = cfg.kvcache
@@ -93,6 +108,7 @@ class Gateway:
                                          kv.routing_workers)
         self.aio_lmcache = AsyncHelper("lmcache", kv.lmcache_endpoint, self.lmcache_breaker,
                                        kv.routing_workers)
+        self.local_tokenizers = load_tokenizers(kv.tokenizers)
         self.token_cache = TokenCache(kv.token_cache.enabled, kv.token_cache.capacity,
                                       kv.token_cache.ttl)
         self.hot = HotTracker(kv.hot_window, kv.hot_max_records, kv.hot_keys_cap)
@@ -107,13 +123,26 @@ class Gateway:
             kv.health_check_interval if kv.enabled else 0.0,
             kv.metrics_interval if kv.enabled else 0.0,
         )
-        self.monitor.start()
+        self.discovery: Discovery | None = None
+        if kv.enabled and kv.discovery.enabled:
+            self.discovery = Discovery(
+                kv.discovery,
+                HelperClient("lmcache", kv.lmcache_endpoint, self.pool, CircuitBreaker(
+                    "lmcache-registry", cb.failure_threshold, cb.recovery_timeout,
+                    cb.half_open_max_calls)),
+                self.clusters[kv.discovery.cluster], self.monitor, self.counters)
         self.exporter = Exporter(self)
-        if kv.metrics_port:
-            self.exporter.serve(kv.metrics_host, kv.metrics_port)
         self.background = BoundedPool("kvgate-bg", kv.background_workers, kv.background_queue)
         self._closed = threading.Event()
         self._content_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Threads and the admin port; OSError when the port is taken."""
+        self.monitor.start()
+        if self.discovery is not None:
+            self.discovery.start()
+        if self.kv.metrics_port:
+            self.exporter.serve(self.kv.metrics_host, self.kv.metrics_port)
 
     # ------------------------------------------------------------ request path
 
@@ -154,14 +183,14 @@ class Gateway:
                       tokens=tokens, prefix_tokens=prefix)
 
     def _tokenized(self, routed: Routed, tokens: Tokens | None, exc: Exception | None,
-                   cluster_name: str) -> bool:
+                   cluster_name: str, ok_counter: str = "tokenize.routing_ok") -> bool:
         """Record a routing-path tokenize; False when routing has to fall back."""
         if exc is not None:
             self.counters.inc("tokenize.routing_failed")
             routed.decision = self.fallback(cluster_name, routed, f"tokenize: {exc}")
             return False
         assert tokens is not None
-        self.counters.inc("tokenize.routing_ok")
+        self.counters.inc(ok_counter)
         self.token_cache.put(routed.key, tokens)
         routed.tokens = tokens
         return True
@@ -199,8 +228,8 @@ class Gateway:
             routed.decision = self.balancer(cluster_name, routing.BALANCER, "none healthy")
             return self._remember(routed)
         ep, matched, cost = pick
-        if n_tokens:
-            self.exporter.matched_ratio.observe(min(1.0, matched / n_tokens))
+        if routed.tokens:  # an earlier turn's tokens would overstate the share
+            self.exporter.matched_ratio.observe(min(1.0, matched / len(routed.tokens)))
         if matched > 0:
             self.counters.inc(f"routes.{routing.CACHE}")
             routed.decision = routing.RouteDecision(ep, routing.CACHE, matched,
@@ -273,6 +302,20 @@ class Gateway:
         if routed.decision is not None:
             return routed
         end = loop.time() + self.routing_budget
+        if (routed.tokens is None and routed.prefix_tokens is None and self.kv.route_on_miss
+                and routed.parsed is not None
+                and routed.parsed.model in self.local_tokenizers):
+            try:
+                with self.exporter.tokenize_seconds.time():
+                    tokens = await asyncio.wait_for(
+                        loop.run_in_executor(self.routing_pool, self._local_tokens,
+                                             routed.parsed),
+                        max(end - loop.time(), 0.0))
+            except TimeoutError as exc:
+                self._tokenized(routed, None, exc, cluster_name)
+                return routed
+            if tokens is not None:
+                self._tokenized(routed, tokens, None, cluster_name, "tokenize.local")
         if routed.tokens is None and routed.prefix_tokens is None and self.kv.route_on_miss:
             try:
                 with self.exporter.tokenize_seconds.time():
@@ -293,6 +336,18 @@ class Gateway:
         except ROUTING_ERRORS as exc:
             return self.finish(cluster_name, routed, None, exc)
         return self.finish(cluster_name, routed, parse_layout(answer), None)
+
+    def _local_tokens(self, parsed: ParsedRequest) -> Tokens | None:
+        """In-process tokens for this model, or None (no tokenizer, or only vLLM can say)."""
+        tok = self.local_tokenizers.get(parsed.model)
+        if tok is None:
+            return None
+        try:
+            return tok.encode_body(parsed.payload) or None
+        except Exception as exc:  # the library on odd input: the engine's /tokenize decides
+            self.counters.inc("tokenize.local_failed")
+            log.debug("[kvcache] local tokenizer failed: %s", type(exc).__name__)
+            return None
 
     # ------------------------------------------------------------ background
 
@@ -321,6 +376,11 @@ class Gateway:
             tokens = routed.tokens
             if tokens is None:
                 tokens = self.token_cache.get(routed.key)
+            if tokens is None and routed.parsed is not None:
+                tokens = self._local_tokens(routed.parsed)
+                if tokens is not None:
+                    self.token_cache.put(routed.key, tokens)
+                    self.counters.inc("tokenize.local")
             if tokens is None:
                 tokens = self.tokenizer.tokenize(routed.body, deadline)
                 self.token_cache.put(routed.key, tokens)
@@ -425,10 +485,13 @@ class Gateway:
             "background": self.background.snapshot(),
             "inflight": {n: dict(c.inflight) for n, c in self.clusters.items()},
             "ejected": [ep for ep, ok in self.health.snapshot().items() if not ok],
+            "discovery": self.discovery.snapshot() if self.discovery is not None else None,
         }
 
     def close(self) -> None:
         self._closed.set()
+        if self.discovery is not None:
+            self.discovery.stop()
         self.monitor.stop()
         self.exporter.close()
         self.background.shutdown()

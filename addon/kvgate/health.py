@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import urllib3
@@ -90,10 +91,13 @@ class EngineMonitor:
         self.metrics_interval = metrics_interval
         self.stats: dict[str, EngineStats] = {}
         self.slots: dict[str, float] = {}
-        self._pool = urllib3.PoolManager(num_pools=len(self.endpoints) + 1, maxsize=2,
+        self._pool = urllib3.PoolManager(num_pools=len(self.endpoints) + 8, maxsize=2,
                                          retries=False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # endpoints are asked side by side: one hung engine must not delay the verdict
+        # on the others past the interval
+        self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kvgate-poll")
 
     def start(self) -> None:
         if self.health_interval <= 0 and self.metrics_interval <= 0:
@@ -103,6 +107,10 @@ class EngineMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        self._pool.clear()
 
     def fresh(self, endpoint_id: str, max_age: float) -> EngineStats | None:
         st = self.stats.get(endpoint_id)
@@ -139,16 +147,26 @@ class EngineMonitor:
             if st.running > self.slots.get(ep.id, 0.0):
                 self.slots[ep.id] = st.running
 
+    def _each(self, check: Callable[[Endpoint], None]) -> None:
+        endpoints = self.endpoints  # discovery may replace the list meanwhile
+        if len(endpoints) <= 1:
+            for ep in endpoints:
+                check(ep)
+            return
+        try:
+            for fut in [self._workers.submit(check, ep) for ep in endpoints]:
+                fut.result()
+        except (RuntimeError, CancelledError):  # stopped meanwhile
+            return
+
     def _run(self) -> None:
         next_health = next_metrics = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             if self.health_interval > 0 and now >= next_health:
                 next_health = now + self.health_interval
-                for ep in self.endpoints:
-                    self.check_health(ep)
+                self._each(self.check_health)
             if self.metrics_interval > 0 and now >= next_metrics:
                 next_metrics = now + self.metrics_interval
-                for ep in self.endpoints:
-                    self.poll_metrics(ep)
+                self._each(self.poll_metrics)
             self._stop.wait(0.05)

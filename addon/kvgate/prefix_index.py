@@ -13,11 +13,13 @@ import threading
 from collections import OrderedDict
 
 PIECE = 256
+MAX_BYTES = 64 * 1024  # hashed per request on the event loop: a prefix this long is
+# conversation identity enough, and an 8 MiB prompt must not cost milliseconds here
 
 
 def _chain(text: str) -> list[tuple[int, bytes]]:
     h = hashlib.blake2b(digest_size=12)
-    data = text.encode("utf-8", "surrogatepass")
+    data = text[:MAX_BYTES].encode("utf-8", "surrogatepass")[:MAX_BYTES]
     out = []
     for start in range(0, len(data) - PIECE + 1, PIECE):  # whole pieces only
         h.update(data[start:start + PIECE])
