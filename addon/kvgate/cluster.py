@@ -11,7 +11,8 @@ from .config import ClusterConfig, Endpoint
 class Cluster:
     def __init__(self, cfg: ClusterConfig, is_healthy: Callable[[str], bool]) -> None:
         self.name = cfg.name
-        self.endpoints = cfg.endpoints
+        # replaced, never mutated (discovery): readers iterate whatever list they got
+        self.endpoints: tuple[Endpoint, ...] = cfg.endpoints
         self.by_id = {ep.id: ep for ep in cfg.endpoints}
         self._is_healthy = is_healthy
         self._lock = threading.Lock()
@@ -42,6 +43,20 @@ class Cluster:
         with self._lock:
             if self.inflight.get(endpoint_id, 0) > 0:
                 self.inflight[endpoint_id] -= 1
+
+    def add(self, ep: Endpoint) -> None:
+        """Join (or re-address) an endpoint learnt at run time."""
+        with self._lock:
+            self.endpoints = tuple(e for e in self.endpoints if e.id != ep.id) + (ep,)
+            self.by_id = {e.id: e for e in self.endpoints}
+            self.inflight.setdefault(ep.id, 0)
+
+    def remove(self, endpoint_id: str) -> None:
+        with self._lock:
+            kept = tuple(e for e in self.endpoints if e.id != endpoint_id)
+            if kept:  # a cluster never ends up empty
+                self.endpoints = kept
+                self.by_id = {e.id: e for e in kept}
 
     def find(self, host: str, port: int) -> Endpoint | None:
         for ep in self.endpoints:

@@ -88,6 +88,18 @@ class CircuitBreakerConfig:
 
 
 @dataclass
+class DiscoveryConfig:
+    """Engines learnt from the LMCache controller's registered workers."""
+
+    enabled: bool = False
+    interval: float = 10.0
+    # LMCache registers a worker's ZMQ port, not vLLM's HTTP port: the engines' HTTP port
+    engine_port: int = 0
+    engine_scheme: str = "http"
+    cluster: str = ""  # the cluster discovered engines join; empty: the first one
+
+
+@dataclass
 class KVCacheConfig:
     """The filter's own settings: the seed's fields plus kvgate's additions."""
 
@@ -128,6 +140,10 @@ class KVCacheConfig:
     metrics_port: int = 0  # Prometheus /metrics of the gateway itself; 0 = off
     metrics_host: str = "127.0.0.1"
     prefix_index_size: int = 100_000  # remembered prompt prefixes for routing without LMCache
+    # model name -> tokenizer.json (or the model directory holding it and
+    # tokenizer_config.json): first-sight prompts are tokenized in-process, no /tokenize
+    tokenizers: dict[str, str] = field(default_factory=dict)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     @property
     def hot_keys_cap(self) -> int:
@@ -218,6 +234,14 @@ def _duration(path: str, value: Any) -> float:
         raise ConfigError(path, value, str(exc)) from None
 
 
+def _str_map(path: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items()
+    ):
+        raise ConfigError(path, value, "must map names to non-empty strings")
+    return dict(value)
+
+
 def _str_list(path: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(path, value, "must be a list of strings")
@@ -241,6 +265,7 @@ _DURATIONS = {
     "base_backoff",
     "max_backoff",
     "recovery_timeout",
+    "interval",
 }
 
 
@@ -263,6 +288,8 @@ def _fill(obj: Any, raw: Any, prefix: str) -> None:
             setattr(obj, key, _duration(path, value))
         elif isinstance(current, list):
             setattr(obj, key, _str_list(path, value))
+        elif isinstance(current, dict):
+            setattr(obj, key, _str_map(path, value))
         else:
             typ = type(current)
             if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -332,6 +359,13 @@ def validate(cfg: KVCacheConfig) -> None:
             raise ConfigError(path, value, "must be >= 0")
     if not 0 <= cfg.metrics_port <= 65535:
         raise ConfigError("metrics_port", cfg.metrics_port, "must be a port 1..65535 (0 = off)")
+    d = cfg.discovery
+    if d.interval < 0:
+        raise ConfigError("discovery.interval", d.interval, "must be >= 0")
+    if not 0 <= d.engine_port <= 65535:
+        raise ConfigError("discovery.engine_port", d.engine_port, "must be a port 1..65535")
+    if d.engine_scheme not in ("http", "https"):
+        raise ConfigError("discovery.engine_scheme", d.engine_scheme, "must be http or https")
     if not 0 <= cfg.background_queue <= 1_000_000:
         raise ConfigError("background_queue", cfg.background_queue, "must be 0..1000000")
     if not cfg.enabled:
@@ -512,7 +546,29 @@ def _iter_pixiu_hcm(root: dict) -> list[tuple[dict, str]]:
     return found
 
 
+def _checked(cfg: GatewayConfig) -> GatewayConfig:
+    """Rules that need the whole config: tokenizer paths (relative to the config file)
+    and the cluster discovered engines join."""
+    kv = cfg.kvcache
+    base = os.path.dirname(os.path.abspath(cfg.source)) if cfg.source else os.getcwd()
+    for model, path in list(kv.tokenizers.items()):
+        full = os.path.join(base, os.path.expanduser(path))
+        if not os.path.exists(full):
+            raise ConfigError(f"tokenizers.{model}", path, "no such file or directory")
+        kv.tokenizers[model] = full
+    d = kv.discovery
+    if d.cluster and d.cluster not in cfg.clusters:
+        raise ConfigError("discovery.cluster", d.cluster, "names no configured cluster")
+    if d.enabled and not d.cluster:
+        d.cluster = next(iter(cfg.clusters))
+    return cfg
+
+
 def from_mapping(doc: Any, source: str = "") -> GatewayConfig:
+    return _checked(_from_mapping(doc, source))
+
+
+def _from_mapping(doc: Any, source: str) -> GatewayConfig:
     if not isinstance(doc, dict):
         raise ConfigError("config", type(doc).__name__, "the file must hold a YAML mapping")
     if "kvcache" in doc:  # kvgate's own shape

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 MAX_TOKEN_ID = 2**31 - 1
@@ -20,6 +20,8 @@ class ParsedRequest:
     prefixes: tuple[str, ...] = ()
     """Chat only: the key texts of the conversation's earlier shapes (all messages but the
     last one, but the last two, ...), longest first: an earlier turn's prompt."""
+    payload: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The decoded body, for a local tokenizer (it needs the messages and roles)."""
 
     @property
     def key_text(self) -> str:
@@ -122,4 +124,5 @@ def parse_body(body: bytes, default_model: str) -> ParsedRequest:
     text = text.strip()
     if ids is None and not text:
         raise NotParsed("no prompt")
-    return ParsedRequest(model=model, prompt=text, token_ids=ids, prefixes=tuple(prefixes))
+    return ParsedRequest(model=model, prompt=text, token_ids=ids, prefixes=tuple(prefixes),
+                         payload=payload)

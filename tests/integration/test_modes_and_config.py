@@ -88,3 +88,40 @@ def test_bad_config_while_running_is_refused_and_old_one_stays(stubs: Stubs, tmp
         addon.done()
 
 
+
+
+def test_reload_keeps_the_admin_port_and_a_taken_port_is_refused(stubs: Stubs,
+                                                                 tmp_path) -> None:
+    import socket
+
+    import requests
+
+    from kvgate.sim.ports import free_port
+
+    port = free_port()
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump(stubs.kvgate_config(metrics_port=port)))
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump(stubs.kvgate_config(metrics_port=port, queue_ms=30)))
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = tmp_path / "taken.yaml"
+    taken.write_text(yaml.safe_dump(stubs.kvgate_config(metrics_port=blocker.getsockname()[1])))
+    addon = KVCacheAddon()
+    try:
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, kvcache_config=str(first))
+            addon.running()
+            tctx.configure(addon, kvcache_config=str(second))  # same port: freed, reopened
+            assert addon.gateway is not None and addon.gateway.kv.queue_ms == 30
+            url = f"http://127.0.0.1:{port}/metrics"
+            assert "kvgate_routing_decisions_total" in requests.get(url, timeout=5).text
+            before = addon.gateway
+            with pytest.raises(exceptions.OptionsError, match="metrics_port"):
+                tctx.configure(addon, kvcache_config=str(taken))
+            assert addon.gateway is before
+            assert "kvgate_routing_decisions_total" in requests.get(url, timeout=5).text
+            addon.done()
+    finally:
+        blocker.close()

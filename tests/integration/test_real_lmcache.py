@@ -176,6 +176,33 @@ def test_twin_and_real_controller_answer_alike(real: Cluster) -> None:
         twin.stop()
 
 
+def test_discovery_adds_an_engine_the_config_does_not_list(real: Cluster,
+                                                          tmp_path: Path) -> None:
+    """The real registry answers instance_id "all"; vllm-2 joins and is routed to by cache."""
+    body = {"model": "m", "prompt": words("disc-f", 700)}
+    assert post(engine_url(real, "vllm-2") + "/v1/completions", body).status_code == 200
+    wait_holder(real, tokens_of(real, body), "vllm-2")
+    cfg = real.config()
+    cfg["clusters"][0]["endpoints"] = [ep for ep in cfg["clusters"][0]["endpoints"]
+                                       if ep["id"] == "vllm-1"]
+    cfg["kvcache"]["discovery"] = {"enabled": True, "interval": "300ms",
+                                   "engine_port": real.ports["vllm-2"]}
+    gw = start_mitmdump(tmp_path, cfg, mode=f"reverse:{cfg['kvcache']['vllm_endpoint']}")
+    try:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            r = gw.post("/v1/completions", body)
+            assert r.status_code == 200
+            if r.headers["x-kvcache-endpoint"] == "vllm-2":
+                break
+            time.sleep(0.3)
+        assert r.headers["x-kvcache-endpoint"] == "vllm-2"
+        assert r.headers["x-kvcache-route"] == "cache"
+        assert r.headers["x-engine-id"] == "vllm-2"
+    finally:
+        gw.stop()
+
+
 def test_gateway_serves_through_a_controller_restart(real: Cluster, tmp_path: Path) -> None:
     body = {"model": "m", "prompt": words("restart-e", 500)}
     assert post(engine_url(real, "vllm-1") + "/v1/completions", body).status_code == 200

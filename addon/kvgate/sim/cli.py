@@ -39,6 +39,8 @@ def add_engine_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-scale", type=float, default=d.time_scale,
                    help="multiplies every simulated time (0.1 = ten times faster)")
     p.add_argument("--model", default=d.model)
+    p.add_argument("--tokenizer", default=d.tokenizer,
+                   help="tokenizer.json or its folder (default: a word tokenizer)")
 
 
 def params_from(args: argparse.Namespace) -> EngineParams:

@@ -24,6 +24,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..local_tokenizer import LocalTokenizer
 from .cache import BLOCK, Admission, ChunkKey, KVCacheModel, chunk_keys
 from .stub import StubApp, _Handler, tokenize_request
 
@@ -42,6 +43,7 @@ class EngineParams:
     max_output: int = 16
     time_scale: float = 1.0
     model: str = "sim-8b"
+    tokenizer: str = ""  # a tokenizer.json (or its folder): tokenize like that model
 
 
 class Reporter(Protocol):
@@ -62,6 +64,8 @@ class SimEngine(StubApp):
         self.engine_id = engine_id
         self.p = params or EngineParams()
         self.cache = KVCacheModel(self.p.gpu_tokens, self.p.cpu_tokens, hasher)
+        self.tokenizer: LocalTokenizer | None = (
+            LocalTokenizer(self.p.tokenizer) if self.p.tokenizer else None)
         self.cache_lock = threading.Lock()
         self.reporter = reporter
         self.slots = threading.BoundedSemaphore(self.p.batch_slots)
@@ -129,7 +133,7 @@ class SimEngine(StubApp):
             h._send(400, {"object": "error", "message": "body must be a JSON object",
                           "type": "BadRequestError", "code": 400}, hdrs)
             return
-        tokens = tokenize_request(body)
+        tokens = self.tokenize(body)
         if route == "/tokenize":
             h._send(200, {"count": len(tokens), "max_model_len": 32768, "tokens": tokens}, hdrs)
             return
@@ -140,6 +144,14 @@ class SimEngine(StubApp):
             h._send(400, {"object": "error", "message": "empty prompt", "code": 400}, hdrs)
             return
         self.generate(h, route.endswith("chat/completions"), body, tokens, hdrs)
+
+    def tokenize(self, body: dict[str, Any]) -> list[int]:
+        """With a real tokenizer: its tokens where it knows how; else the word tokenizer."""
+        if self.tokenizer is not None:
+            tokens = self.tokenizer.encode_body(body)
+            if tokens is not None:
+                return list(tokens)
+        return tokenize_request(body)
 
     def generate(self, h: _Handler, chat: bool, body: dict, tokens: list[int],
                  hdrs: dict[str, str]) -> None:

@@ -257,6 +257,7 @@ class StubController(StubApp):
         self.location = location
         self.holdings: dict[str, list[list[int]]] = {}
         self.seed_form = False  # answer layout_info in the seed's object form
+        self.workers: list[dict[str, Any]] = []  # the registry /query_worker_info reads
 
     def configure(self, cfg: dict[str, Any]) -> None:
         for instance_id, tokens in cfg.get("admit", []):
@@ -303,6 +304,10 @@ class StubController(StubApp):
             h._send(200, {**event, "num_tokens": 0})
         elif path == "/health":
             h._send(200, {**event, "error_codes": {}})
+        elif path == "/query_worker_info":
+            iid = body.get("instance_id")
+            infos = [w for w in self.workers if iid == "all" or w.get("instance_id") == iid]
+            h._send(200, {**event, "worker_infos": infos})
         else:
             h._send(404, {"detail": "Not Found"})
 

@@ -116,7 +116,7 @@ class TwinController(StubApp):
                  "registration_time": self.registered_at.get(iid, 0.0),
                  "last_heartbeat_time": self.registered_at.get(iid, 0.0)}
                 for iid, url in self.engines.items()
-                if iid == body.get("instance_id") or not body.get("instance_id")
+                if body.get("instance_id") in (iid, "all")
             ]
             return {"worker_infos": infos}
         return None
