@@ -205,7 +205,7 @@ def run_one(wl: Workload, policy: str, time_scale: float) -> dict:
         elif policy == "kvgate" and os.environ.get("KVGATE_BENCH_KV"):
             kv.update(json.loads(os.environ["KVGATE_BENCH_KV"]))  # experiments only
         elif policy == "seed":
-            kv.update({"policy": "longest_prefix", "route_on_miss": False})
+            kv.update({"policy": "longest_prefix", "route_on_miss": False, "lookup_cache_ttl": 0})
         with gateway(cfg, kv["vllm_endpoint"]) as port, \
                 tqdm(total=wl.requests, desc=f"{wl.name:>15} {policy:<12}", unit="req",
                      ncols=90, leave=False) as bar:

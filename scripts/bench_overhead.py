@@ -1,6 +1,6 @@
 """Overhead of the kvgate addon against bare mitmdump, in one run, on loopback.
 
-Starts a fast engine and LMCache-API stand-in (kvgate.sim.fast) as their own
+Starts two fast engines and LMCache-API stand-ins (kvgate.sim.fast) as their own
 processes, then for each case a fresh ``mitmdump --mode reverse`` (bare, or with the
 addon) and drives it with a small asyncio keep-alive HTTP/1.1 client. Prints a table.
 Run it through ``scripts/bench_overhead`` (which sets up the venv).
@@ -22,9 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "addon"))
-from kvgate.sim.ports import free_port, wait_port  # noqa: E402
+from kvgate.sim.ports import free_port, free_ports, wait_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PROMPTS = 64
@@ -116,21 +118,26 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000
 
 
-def run_case(name: str, conns: int, backend: int, ctl_port: int | None, seconds: float,
-             tmp: Path, lookup_budget: str = "50ms") -> Row:
+def run_case(name: str, conns: int, backends: list[int], ctl_port: int | None,
+             seconds: float, tmp: Path, lookup_budget: str = "50ms",
+             lookup_cache_ttl: str | None = None) -> Row:
     port = free_port()
     args = [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
-            "--mode", f"reverse:http://127.0.0.1:{backend}", "--set", "flow_detail=0"]
+            "--mode", f"reverse:http://127.0.0.1:{backends[0]}", "--set", "flow_detail=0"]
     if ctl_port is not None:
+        kv: dict = {
+            "vllm_endpoint": f"http://127.0.0.1:{backends[0]}",
+            "lmcache_endpoint": f"http://127.0.0.1:{ctl_port}",
+            "lookup_routing_timeout": lookup_budget,
+        }
+        if lookup_cache_ttl is not None:
+            kv["lookup_cache_ttl"] = lookup_cache_ttl
         cfg = {
-            "kvcache": {
-                "vllm_endpoint": f"http://127.0.0.1:{backend}",
-                "lmcache_endpoint": f"http://127.0.0.1:{ctl_port}",
-                "lookup_routing_timeout": lookup_budget,
-            },
+            "kvcache": kv,
             "clusters": [{"name": "bench", "endpoints": [
-                {"id": "engine-1", "socket_address": {"address": "127.0.0.1", "port": backend}}
-            ]}],
+                {"id": f"engine-{i + 1}", "socket_address": {"address": "127.0.0.1",
+                                                              "port": b}}
+                for i, b in enumerate(backends)]}],
         }
         path = tmp / f"bench-{port}.json"
         path.write_text(json.dumps(cfg))  # JSON is YAML
@@ -145,58 +152,85 @@ def run_case(name: str, conns: int, backend: int, ctl_port: int | None, seconds:
     return Row(name, conns, rps, pct(lat, 0.5), pct(lat, 0.99))
 
 
+BARE = "bare mitmdump"
+ADDON = "mitmdump + kvgate"
+ASK_ALWAYS = "+ kvgate, lookup_cache_ttl 0"
+
+
+def median_row(rows: list[Row]) -> Row:
+    return Row(rows[0].case, rows[0].conns, statistics.median(r.rps for r in rows),
+               statistics.median(r.p50 for r in rows), statistics.median(r.p99 for r in rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per case")
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds of every case (medians are shown: single runs vary +-15%%)")
     ap.add_argument("--lookup-ms", type=float, default=40.0, help="slow-lookup delay")
-    ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--json", type=Path, help="also write the median rows here")
     args = ap.parse_args()
 
-    backend, fast_ctl, slow_ctl = free_port(), free_port(), free_port()
+    engines, fast_ctl, slow_ctl = free_ports(2), free_port(), free_port()
     fast = [sys.executable, "-m", "kvgate.sim.fast"]
-    procs = [
-        start(fast + ["engine", "--port", str(backend)]),
+    procs = [start(fast + ["engine", "--port", str(b), "--id", f"engine-{i + 1}"])
+             for i, b in enumerate(engines)]
+    procs += [
         start(fast + ["controller", "--port", str(fast_ctl)]),
         start(fast + ["controller", "--port", str(slow_ctl), "--delay",
                       str(args.lookup_ms / 1000)]),
     ]
-    rows: list[Row] = []
+    slow_name = f"+ kvgate, lookups {args.lookup_ms:g} ms"
+    cases: list[tuple[str, int, int | None, str, str | None]] = []
+    for conns in (1, 16):
+        cases += [(BARE, conns, None, "50ms", None), (ADDON, conns, fast_ctl, "50ms", None),
+                  (ASK_ALWAYS, conns, fast_ctl, "50ms", "0")]
+    cases += [(slow_name, 32, slow_ctl, "200ms", None),
+              (slow_name + ", lookup_cache_ttl 0", 32, slow_ctl, "200ms", "0")]
+    runs: dict[tuple[str, int], list[Row]] = {}
     try:
-        for p in (backend, fast_ctl, slow_ctl):
+        for p in (*engines, fast_ctl, slow_ctl):
             wait_port(p)
         with tempfile.TemporaryDirectory() as tmp:
-            t = Path(tmp)
-            for conns in (1, 16):
-                rows.append(run_case("bare mitmdump", conns, backend, None, args.seconds, t))
-                rows.append(run_case("mitmdump + kvgate", conns, backend, fast_ctl,
-                                     args.seconds, t))
-            rows.append(run_case(f"+ kvgate, lookups {args.lookup_ms:g} ms", 32, backend,
-                                 slow_ctl, args.seconds, t, lookup_budget="200ms"))
+            bar = tqdm(total=len(cases) * args.repeats, desc="cases", unit="case")
+            for rep in range(args.repeats):
+                # alternate the order so drift on the machine hits every case alike
+                for name, conns, ctl, budget, ttl in (cases if rep % 2 == 0 else cases[::-1]):
+                    row = run_case(name, conns, engines, ctl, args.seconds, Path(tmp), budget,
+                                   ttl)
+                    runs.setdefault((name, conns), []).append(row)
+                    bar.update()
+            bar.close()
     finally:
         for p in procs:
             stop(p)
 
+    rows = [median_row(runs[(name, conns)]) for name, conns, *_ in cases]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}, {args.seconds:g} s per case\n")
-    print("| case | connections | req/s | p50 ms | p99 ms |")
-    print("|---|---:|---:|---:|---:|")
+          f"{platform.python_version()}; {args.seconds:g} s per case, median of "
+          f"{args.repeats} rounds; 2 engines\n")
+    print("| case | connections | req/s | p50 ms | p99 ms | req/s of each round |")
+    print("|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r.case} | {r.conns} | {r.rps:.0f} | {r.p50:.2f} | {r.p99:.2f} |")
+        each = " / ".join(f"{x.rps:.0f}" for x in runs[(r.case, r.conns)])
+        print(f"| {r.case} | {r.conns} | {r.rps:.0f} | {r.p50:.2f} | {r.p99:.2f} | {each} |")
     by = {(r.case, r.conns): r for r in rows}
     print()
     for conns in (1, 16):
-        bare, addon = by[("bare mitmdump", conns)], by[("mitmdump + kvgate", conns)]
-        print(f"{conns:>2} conn: throughput ratio {addon.rps / bare.rps:.2f} (target >= 0.90), "
-              f"p50 added {addon.p50 - bare.p50:+.2f} ms"
-              + (" (target <= 1 ms)" if conns == 1 else ""))
-    slow = rows[-1]
-    backend_ms = by[("bare mitmdump", 1)].p50
+        bare = by[(BARE, conns)]
+        for case in (ADDON, ASK_ALWAYS):
+            addon = by[(case, conns)]
+            print(f"{conns:>2} conn, {case}: throughput ratio {addon.rps / bare.rps:.2f} "
+                  f"(target >= 0.90), p50 added {addon.p50 - bare.p50:+.2f} ms"
+                  + (" (target <= 1 ms)" if conns == 1 else ""))
+    backend_ms = by[(BARE, 1)].p50
     bound = 32 / ((args.lookup_ms + backend_ms) / 1000)
-    print(f"slow lookups: {slow.rps:.0f} req/s = {slow.rps / bound:.2f} x the bound "
-          f"32 / ({args.lookup_ms:g} ms + {backend_ms:.2f} ms) = {bound:.0f} (target >= 0.80)")
+    for r in rows[-2:]:
+        print(f"{r.case}: {r.rps:.0f} req/s = {r.rps / bound:.2f} x the bound "
+              f"32 / ({args.lookup_ms:g} ms + {backend_ms:.2f} ms) = {bound:.0f} "
+              "(target >= 0.80)")
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
-    print(f"p50 over all addon cases: {statistics.median([r.p50 for r in rows]):.2f} ms")
 
 
 if __name__ == "__main__":

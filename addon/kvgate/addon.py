@@ -177,10 +177,12 @@ class KVCacheAddon:
         assert decision is not None
         ep = decision.endpoint
         req = flow.request
-        req.scheme = ep.scheme
-        req.host = ep.host
-        req.port = ep.port
-        req.host_header = ep.hostport
+        if req.port != ep.port or req.host != ep.host or req.scheme != ep.scheme:
+            req.scheme = ep.scheme
+            req.host = ep.host
+            req.port = ep.port
+        if req.host_header != ep.hostport:
+            req.host_header = ep.hostport
         gw.clusters[cluster].begin(ep.id)
         meta: dict[str, Any] = {
             "cluster": cluster,
@@ -203,7 +205,7 @@ class KVCacheAddon:
             comment += f" ({decision.detail})"
         flow.comment = comment
         log.debug("[kvcache] %s %s key=%s", flow.request.path, comment, meta.get("prompt_hash"))
-        if routed.parsed is not None:
+        if gw.needs_background(routed):
             cancel = threading.Event()
             self._cancels[flow.id] = cancel
             gw.submit_background(routed, cancel)

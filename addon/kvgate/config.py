@@ -140,6 +140,9 @@ class KVCacheConfig:
     metrics_port: int = 0  # Prometheus /metrics of the gateway itself; 0 = off
     metrics_host: str = "127.0.0.1"
     prefix_index_size: int = 100_000  # remembered prompt prefixes for routing without LMCache
+    # a prompt seen again this soon reuses its /lookup answer (plus where the gateway sent
+    # it since); 0 = ask LMCache for every request
+    lookup_cache_ttl: float = 1.0
     # model name -> tokenizer.json (or the model directory holding it and
     # tokenizer_config.json): first-sight prompts are tokenized in-process, no /tokenize
     tokenizers: dict[str, str] = field(default_factory=dict)
@@ -266,6 +269,7 @@ _DURATIONS = {
     "max_backoff",
     "recovery_timeout",
     "interval",
+    "lookup_cache_ttl",
 }
 
 
@@ -354,6 +358,7 @@ def validate(cfg: KVCacheConfig) -> None:
                         ("health_check_interval", cfg.health_check_interval),
                         ("metrics_interval", cfg.metrics_interval),
                         ("prefix_index_size", cfg.prefix_index_size),
+                        ("lookup_cache_ttl", cfg.lookup_cache_ttl),
                         ("min_batch_slots", cfg.min_batch_slots)):
         if value < 0:
             raise ConfigError(path, value, "must be >= 0")

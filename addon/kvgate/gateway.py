@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from cachetools import LRUCache, TTLCache
 
 from . import routing, strategy
 from .aioclient import AsyncHelper
@@ -38,6 +41,7 @@ log = logging.getLogger("kvgate")
 
 PARSE_INLINE_MAX = 128 * 1024
 CONTENT_BOOK_SIZE = 10_000  # prompts remembered per gateway for offload decisions
+RECENT_LOOKUPS_SIZE = 10_000  # prompts whose lookup answer is reused for lookup_cache_ttl
 ROUTING_ERRORS = (CallError, BreakerOpen, Cancelled, TimeoutError)
 
 
@@ -118,6 +122,14 @@ class Gateway:
         )
         self.cost_model = routing.CostModel(kv.prefill_ms, kv.load_ms, kv.queue_ms)
         self.prefix_index = PrefixIndex(kv.prefix_index_size)
+        # key -> (expiry, placements): a lookup answer reused until its expiry, with where
+        # the gateway sent the prompt since overlaid (that engine will hold it)
+        self.recent_lookups: LRUCache[str, tuple[float, tuple[Placement, ...]]] = LRUCache(
+            RECENT_LOOKUPS_SIZE)
+        self._recent_lock = threading.Lock()
+        # key -> endpoint last written to the prefix index: a repeat routed the same way
+        # skips the hashing; the pieces' recency is refreshed at least every 10 s
+        self._indexed: TTLCache[str, str] = TTLCache(RECENT_LOOKUPS_SIZE, 10.0)
         self.monitor = EngineMonitor(
             [ep for c in cfg.clusters.values() for ep in c.endpoints], self.health,
             kv.health_check_interval if kv.enabled else 0.0,
@@ -196,14 +208,14 @@ class Gateway:
         return True
 
     def finish(self, cluster_name: str, routed: Routed, placements: list[Placement] | None,
-               exc: Exception | None) -> Routed:
+               exc: Exception | None, counter: str = "lookup.routing_ok") -> Routed:
         """Turn a lookup answer (or its failure) into the decision, by the configured policy."""
         if exc is not None:
             self.counters.inc("lookup.routing_failed")
             routed.decision = self.fallback(cluster_name, routed, f"lookup: {exc}")
             return self._remember(routed)
         assert placements is not None
-        self.counters.inc("lookup.routing_ok")
+        self.counters.inc(counter)
         routed.placements = placements
         cluster = self.clusters[cluster_name]
         policy = self.kv.policy
@@ -275,8 +287,48 @@ class Gateway:
 
     def _remember(self, routed: Routed) -> Routed:
         if routed.parsed is not None and routed.decision is not None:
-            self.prefix_index.record(routed.parsed.key_text, routed.decision.endpoint.id)
+            ep_id = routed.decision.endpoint.id
+            with self._recent_lock:
+                known = self._indexed.get(routed.key) == ep_id
+                if not known:
+                    self._indexed[routed.key] = ep_id
+            if not known:
+                self.prefix_index.record(routed.parsed.key_text, ep_id)
+            if routed.tokens is not None and routed.placements is not None:
+                self._overlay(routed.key, routed.placements, routed.decision.endpoint.id,
+                              len(routed.tokens))
         return routed
+
+    def _recent(self, key: str) -> list[Placement] | None:
+        """A lookup answer for this prompt still within lookup_cache_ttl."""
+        if self.kv.lookup_cache_ttl <= 0:
+            return None
+        with self._recent_lock:
+            entry = self.recent_lookups.get(key)
+            if entry is None:
+                return None
+            if entry[0] <= time.monotonic():
+                del self.recent_lookups[key]
+                return None
+            return list(entry[1])
+
+    def _overlay(self, key: str, placements: list[Placement], endpoint_id: str,
+                 n_tokens: int) -> None:
+        """Keep the answer, adding that ``endpoint_id`` will hold the whole prompt once it
+        has served it. A reused answer keeps its first expiry: staleness stays bounded."""
+        if self.kv.lookup_cache_ttl <= 0:
+            return
+        held = next((p for p in placements if p.instance_id == endpoint_id), None)
+        if held is not None and held.tokens >= n_tokens and key in self.recent_lookups:
+            return  # already known: a reused answer routed the same way
+        merged = [p for p in placements if p.instance_id != endpoint_id]
+        merged.append(Placement(endpoint_id, held.location if held else "",
+                                max(n_tokens, held.tokens if held else 0)))
+        with self._recent_lock:
+            entry = self.recent_lookups.get(key)
+            expiry = entry[0] if entry is not None else (
+                time.monotonic() + self.kv.lookup_cache_ttl)
+            self.recent_lookups[key] = (expiry, tuple(merged))
 
     def _no_tokens(self, cluster_name: str, routed: Routed) -> Routed:
         routed.decision = self.balancer(cluster_name, routing.BALANCER, "token cache miss")
@@ -328,6 +380,10 @@ class Gateway:
         probe = routed.tokens if routed.tokens is not None else routed.prefix_tokens
         if probe is None:
             return self._no_tokens(cluster_name, routed)
+        if routed.tokens is not None:
+            recent = self._recent(routed.key)
+            if recent is not None:
+                return self.finish(cluster_name, routed, recent, None, "lookup.reused")
         try:
             with self.exporter.lookup_seconds.time():
                 answer = await self.aio_lmcache.post(
@@ -351,16 +407,20 @@ class Gateway:
 
     # ------------------------------------------------------------ background
 
-    def submit_background(self, routed: Routed, cancel: threading.Event) -> bool:
-        """Queue cache management for a parsed request; never blocks, drops when full."""
+    def needs_background(self, routed: Routed) -> bool:
+        """Whether cache management could do anything for this request."""
         if routed.parsed is None or self._closed.is_set():
             return False
         cs = self.kv.cache_strategy
-        acting = cs.enable_compression or cs.enable_pinning or cs.enable_eviction
-        if not acting and routed.tokens is not None:
-            return False  # tokens cached, no action can follow: nothing left to do
-        if not acting and not self.token_cache.enabled:
-            return False  # tokens could be neither used nor kept
+        if cs.enable_compression or cs.enable_pinning or cs.enable_eviction:
+            return True
+        # no action can follow: only tokens to learn, if they are unknown and can be kept
+        return routed.tokens is None and self.token_cache.enabled
+
+    def submit_background(self, routed: Routed, cancel: threading.Event) -> bool:
+        """Queue cache management for a parsed request; never blocks, drops when full."""
+        if not self.needs_background(routed):
+            return False
         deadline = Deadline(self.kv.request_timeout, cancel)  # from now: queueing counts
         ok = self.background.submit(lambda: self.manage_cache(routed, cancel, deadline))
         if not ok:

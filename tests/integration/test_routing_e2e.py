@@ -241,14 +241,17 @@ def test_prometheus_metrics_on_the_admin_port(stubs: Stubs, mitm) -> None:
 
     stubs.controller.holdings = {"vllm-2": [[9, 9, 9, 9]]}
     port = free_port()
-    gw = mitm(stubs.kvgate_config(metrics_port=port), mode=reverse(stubs))
+    gw = mitm(stubs.kvgate_config(metrics_port=port, lookup_cache_ttl="10s"),
+              mode=reverse(stubs))
     for _ in range(3):
         gw.post("/v1/completions", {"model": "m", "prompt": [9, 9, 9, 9]})
     gw.post("/v1/completions", b"not json")
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     assert 'kvgate_routing_decisions_total{reason="cache"} 3.0' in text
     assert 'kvgate_routing_decisions_total{reason="balancer"} 1.0' in text
-    assert "kvgate_lookup_seconds_count 3.0" in text
+    # one lookup; the two repeats reuse its answer within lookup_cache_ttl
+    assert "kvgate_lookup_seconds_count 1.0" in text
+    assert 'kvgate_helper_calls_total{helper="lookup",result="reused"} 2.0' in text
     assert 'kvgate_breaker_state{breaker="lmcache"} 0.0' in text
     assert 'kvgate_endpoint_healthy{cluster="vllm",endpoint="vllm-2"} 1.0' in text
     assert "kvgate_background_queue_depth" in text

@@ -36,7 +36,7 @@ def _route(gw, body: bytes = BODY):
 def test_first_sight_routes_by_cache_within_budget(make_gateway, engine, controller) -> None:
     tokens = tokenize_text(PROMPT)
     controller.holdings = {"vllm-3": [tokens], "vllm-1": [tokens[:256] + [0] * 10]}
-    gw = make_gateway()
+    gw = make_gateway({"lookup_cache_ttl": 0})  # every request asks LMCache
     start = time.monotonic()
     routed = _route(gw)
     assert time.monotonic() - start < gw.routing_budget

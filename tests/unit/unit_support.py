@@ -142,6 +142,8 @@ def gateway_doc(
         # the endpoints here are addresses nobody listens on: no active checks
         "health_check_interval": 0,
         "metrics_interval": 0,
+        # one lookup per request, as most tests count them (test_recent_lookups sets it)
+        "lookup_cache_ttl": 0,
     }
     return {
         "kvcache": merge(kv, kvcache or {}),
