@@ -1,0 +1,92 @@
+"""CPU of kvgate's own hooks per request, in-process: no proxy, no network.
+
+Runs the addon's request, responseheaders and response hooks on prepared flows (the
+64 prompts of bench_overhead) under mitmproxy's test context, with the lookup answer
+already known (lookup_cache_ttl) and with the addon disabled. Shows what the addon's
+Python costs apart from mitmproxy's per-flow machinery and the network. Prints a table.
+Run: .venv/bin/python scripts/bench_hooks.py [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "addon"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_overhead import bodies  # noqa: E402
+from mitmproxy.proxy.mode_specs import ProxyMode  # noqa: E402
+from mitmproxy.test import taddons, tflow  # noqa: E402
+
+from kvgate.addon import KVCacheAddon  # noqa: E402
+from kvgate.lmcache import Placement  # noqa: E402
+from kvgate.parsing import cache_key, parse_body  # noqa: E402
+
+
+async def per_request_us(enabled: bool, n: int, tmp: Path) -> float:
+    cfg = {"kvcache": {"enabled": enabled, "vllm_endpoint": "http://127.0.0.1:1",
+                       "lmcache_endpoint": "http://127.0.0.1:2", "lookup_cache_ttl": "1h",
+                       "health_check_interval": 0, "metrics_interval": 0},
+           "clusters": [{"name": "bench", "endpoints": [
+               {"id": f"engine-{i}", "socket_address": {"address": "127.0.0.1",
+                                                        "port": 9000 + i}} for i in (1, 2)]}]}
+    path = tmp / f"hooks-{enabled}.json"
+    path.write_text(json.dumps(cfg))
+    addon = KVCacheAddon()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, kvcache_config=str(path))
+        gw = addon.gateway
+        assert gw is not None
+        flows = []
+        for body in bodies():
+            parsed = parse_body(body, "")
+            key = cache_key(parsed.model, parsed.key_text)
+            gw.token_cache.put(key, tuple(range(300)))  # tokens and an answer known
+            gw._overlay(key, [Placement("engine-1", "LocalCPUBackend", 256)], "engine-1", 300)
+            f = tflow.tflow(resp=False)
+            f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9001")
+            f.request.method, f.request.path = "POST", "/v1/completions"
+            f.request.host, f.request.port = "127.0.0.1", 9001
+            f.request.content = body
+            flows.append(f)
+        resp = tflow.tresp()
+
+        async def run(count: int) -> None:
+            for i in range(count):
+                f = flows[i % len(flows)]
+                f.response = None
+                f.metadata.clear()
+                await addon.request(f)
+                f.response = resp
+                addon.responseheaders(f)
+                addon.response(f)
+
+        await run(2000)
+        t0 = time.perf_counter()
+        await run(n)
+        elapsed = time.perf_counter() - t0
+        addon.done()
+    return elapsed / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--requests", type=int, default=20000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [(label, asyncio.run(per_request_us(enabled, args.requests, Path(tmp))))
+                for label, enabled in (("enabled: false", False),
+                                       ("enabled, lookup answer reused", True))]
+    print("| kvgate hooks | us per request |\n|---|---:|")
+    for label, us in rows:
+        print(f"| {label} | {us:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
