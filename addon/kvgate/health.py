@@ -160,13 +160,17 @@ class EngineMonitor:
             return
 
     def _run(self) -> None:
-        next_health = next_metrics = 0.0
+        inf = float("inf")
+        next_health = 0.0 if self.health_interval > 0 else inf
+        next_metrics = 0.0 if self.metrics_interval > 0 else inf
         while not self._stop.is_set():
             now = time.monotonic()
-            if self.health_interval > 0 and now >= next_health:
+            if now >= next_health:
                 next_health = now + self.health_interval
                 self._each(self.check_health)
-            if self.metrics_interval > 0 and now >= next_metrics:
+            if now >= next_metrics:
                 next_metrics = now + self.metrics_interval
                 self._each(self.poll_metrics)
-            self._stop.wait(0.05)
+            # sleep until the next check is due: no wake-ups in between that would take
+            # the GIL from the event loop
+            self._stop.wait(max(0.01, min(next_health, next_metrics) - time.monotonic()))
