@@ -53,6 +53,9 @@ class KVCacheAddon:
         self.gateway: Gateway | None = None
         self._running = False
         self._cancels: dict[str, threading.Event] = {}
+        # the gateway each routed flow counted itself in: after a reload, flows still in
+        # flight end their counts there, not in the new gateway
+        self._owners: dict[str, Gateway] = {}
 
     # ------------------------------------------------------------ options
 
@@ -108,7 +111,7 @@ class KVCacheAddon:
             old.exporter.close()
         try:
             new.start()
-        except OSError as exc:
+        except Exception as exc:  # port taken, bad host name: the old gateway stays
             new.close()
             if old is not None and old.kv.metrics_port:
                 try:
@@ -116,14 +119,20 @@ class KVCacheAddon:
                 except OSError:
                     log.warning("[kvcache] admin port %s could not be reopened",
                                 old.kv.metrics_port)
-            raise config.ConfigError("metrics_port", new.kv.metrics_port,
-                                     f"cannot listen: {exc.strerror or exc}") from None
+            why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise config.ConfigError(
+                "metrics_port", f"{new.kv.metrics_host}:{new.kv.metrics_port}",
+                f"cannot listen: {why}") from None
         self._swap(new)
 
     def _swap(self, new: Gateway | None) -> None:
         old, self.gateway = self.gateway, new
-        if old is not None:
+        if old is None:
+            return
+        if new is None:  # shutting down: wait for it
             old.close()
+        else:  # a reload: joining its threads must not stall the flows on the event loop
+            threading.Thread(target=old.close, name="kvgate-retire", daemon=True).start()
 
     def running(self) -> None:
         self._running = True
@@ -184,6 +193,7 @@ class KVCacheAddon:
         if req.host_header != ep.hostport:
             req.host_header = ep.hostport
         gw.clusters[cluster].begin(ep.id)
+        self._owners[flow.id] = gw
         meta: dict[str, Any] = {
             "cluster": cluster,
             "endpoint": ep.id,
@@ -228,7 +238,7 @@ class KVCacheAddon:
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
-        gw = self.gateway
+        gw = self._owners.pop(flow.id, None)
         self._cancels.pop(flow.id, None)
         if not meta or meta.get("finished") or gw is None:
             return

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import weakref
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,8 +75,8 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.head_done and self.length is None and not self.chunked:
-            self._done()  # framed by the end of the connection
+        if self.head_done and self.length is None and not self.chunked and exc is None:
+            self._done()  # framed by a clean end of the connection
             return
         if self.got_bytes:
             self._fail(ConnectionError("closed before the answer ended"))
@@ -140,7 +141,8 @@ class _Conn(asyncio.Protocol):
         if b"close" in conn_hdr or (http10 and b"keep-alive" not in conn_hdr):
             self.keep_alive = False
         if 100 <= self.status < 200 or self.status in (204, 304):
-            self.length = 0
+            self.length = 0  # no body, whatever the headers say
+            self.chunked = False
         elif self.length is None and not self.chunked:
             self.keep_alive = False  # framed by the end of the connection
         self.head_done = True
@@ -150,15 +152,24 @@ class _Conn(asyncio.Protocol):
         while True:
             eol = self.buf.find(b"\r\n")
             if eol < 0:
+                if len(self.buf) > MAX_HEAD:
+                    raise ProtocolError("chunk size line too long")
                 return False
             size_text = bytes(self.buf[:eol]).split(b";", 1)[0].strip()
             try:
                 size = int(size_text, 16)
             except ValueError:
                 raise ProtocolError("bad chunk size") from None
+            if size < 0 or len(self.body) + size > MAX_ANSWER:
+                raise ProtocolError("answer too large")
             if size == 0:
+                if self.buf.startswith(b"\r\n", eol + 2):  # no trailer
+                    del self.buf[:eol + 4]
+                    return True
                 end = self.buf.find(b"\r\n\r\n", eol)
                 if end < 0:
+                    if len(self.buf) > MAX_HEAD:
+                        raise ProtocolError("trailer too large")
                     return False
                 del self.buf[:end + 4]
                 return True
@@ -209,17 +220,16 @@ class AsyncHelper:
         self.max_idle = max_idle
         self._head = (f"POST {{}} HTTP/1.1\r\nhost: {parts.netloc}\r\n"
                       "content-type: application/json\r\ncontent-length: {}\r\n\r\n")
-        self._idle: list[_Conn] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # idle connections per event loop: a connection belongs to the loop that made it
+        self._idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Conn]] = (
+            weakref.WeakKeyDictionary())
 
     async def _connect(self, fresh: bool) -> tuple[_Conn, bool]:
         """An idle keep-alive connection (reused=True) or a new one."""
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # connections belong to one loop
-            self.close()
-            self._loop = loop
-        while self._idle and not fresh:
-            conn = self._idle.pop()
+        idle = self._idle.get(loop)
+        while idle and not fresh:
+            conn = idle.pop()
             if conn.reusable():
                 return conn, True
             conn.close()
@@ -246,8 +256,9 @@ class AsyncHelper:
         return status, data, conn
 
     def _release(self, conn: _Conn) -> None:
-        if conn.reusable() and len(self._idle) < self.max_idle:
-            self._idle.append(conn)
+        idle = self._idle.setdefault(asyncio.get_running_loop(), [])
+        if conn.reusable() and len(idle) < self.max_idle:
+            idle.append(conn)
         else:
             conn.close()
 
@@ -282,7 +293,14 @@ class AsyncHelper:
         self.breaker.success()
         return result
 
-    def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
+    def close_loop(self) -> None:
+        """Close the running loop's idle connections (before that loop ends)."""
+        for conn in self._idle.pop(asyncio.get_running_loop(), []):
             conn.close()
+
+    def close(self) -> None:
+        pools = list(self._idle.values())
+        self._idle.clear()
+        for idle in pools:
+            for conn in idle:
+                conn.close()

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .client import CallError, HelperClient
 from .cluster import Cluster
 from .config import DiscoveryConfig, Endpoint
 from .deadline import Deadline
-from .health import EngineMonitor
 from .metrics import Counters
 
 log = logging.getLogger("kvgate")
@@ -61,11 +60,11 @@ class Discovery:
     """A background thread asking the controller's registry every ``interval``."""
 
     def __init__(self, cfg: DiscoveryConfig, client: HelperClient, cluster: Cluster,
-                 monitor: EngineMonitor, counters: Counters) -> None:
+                 on_change: Callable[[], None], counters: Counters) -> None:
         self.cfg = cfg
         self.client = client
         self.cluster = cluster
-        self.monitor = monitor
+        self.on_change = on_change  # the monitor re-reads every cluster's endpoints
         self.counters = counters
         self.configured = {ep.id for ep in cluster.endpoints}
         self.discovered: dict[str, Endpoint] = {}
@@ -118,7 +117,7 @@ class Discovery:
             log.warning("[kvcache] endpoint %s is not registered with the LMCache controller: "
                         "cache routing cannot pick it (is its id its instance_id?)", iid)
         if add or drop:
-            self.monitor.endpoints = list(self.cluster.endpoints)
+            self.on_change()
         return True
 
     def snapshot(self) -> dict[str, Any]:

@@ -142,19 +142,22 @@ class Gateway:
                 HelperClient("lmcache", kv.lmcache_endpoint, self.pool, CircuitBreaker(
                     "lmcache-registry", cb.failure_threshold, cb.recovery_timeout,
                     cb.half_open_max_calls)),
-                self.clusters[kv.discovery.cluster], self.monitor, self.counters)
+                self.clusters[kv.discovery.cluster], self._endpoints_changed, self.counters)
         self.exporter = Exporter(self)
         self.background = BoundedPool("kvgate-bg", kv.background_workers, kv.background_queue)
         self._closed = threading.Event()
         self._content_lock = threading.Lock()
 
     def start(self) -> None:
-        """Threads and the admin port; OSError when the port is taken."""
+        """The admin port first (it can fail: port taken, bad host), then the threads."""
+        if self.kv.metrics_port:
+            self.exporter.serve(self.kv.metrics_host, self.kv.metrics_port)
         self.monitor.start()
         if self.discovery is not None:
             self.discovery.start()
-        if self.kv.metrics_port:
-            self.exporter.serve(self.kv.metrics_host, self.kv.metrics_port)
+
+    def _endpoints_changed(self) -> None:
+        self.monitor.endpoints = [ep for c in self.clusters.values() for ep in c.endpoints]
 
     # ------------------------------------------------------------ request path
 
@@ -278,11 +281,11 @@ class Gateway:
         cluster = self.clusters[cluster_name]
         if routed.parsed is not None and self.kv.policy != "round_robin":
             known = self.prefix_index.best(routed.parsed.key_text)
-            if known is not None and cluster.healthy(known[0]):
+            ep = cluster.by_id.get(known[0]) if known is not None else None  # one snapshot
+            if ep is not None and cluster.healthy(ep.id):
                 self.counters.inc("routes.fallback_index")
                 self.counters.inc(f"routes.{routing.FALLBACK}")
-                return routing.RouteDecision(cluster.by_id[known[0]], routing.FALLBACK, 0,
-                                             f"prefix index ({why})")
+                return routing.RouteDecision(ep, routing.FALLBACK, 0, f"prefix index ({why})")
         return self.balancer(cluster_name, routing.FALLBACK, why)
 
     def _remember(self, routed: Routed) -> Routed:
@@ -336,7 +339,15 @@ class Gateway:
 
     def route(self, cluster_name: str, body: bytes) -> Routed:
         """Blocking form of ``route_async`` for threads and tests (its own event loop)."""
-        return asyncio.run(self.route_async(cluster_name, body))
+
+        async def once() -> Routed:
+            try:
+                return await self.route_async(cluster_name, body)
+            finally:  # the loop ends with this call: so do its connections
+                self.aio_tokenizer.close_loop()
+                self.aio_lmcache.close_loop()
+
+        return asyncio.run(once())
 
     async def route_async(self, cluster_name: str, body: bytes) -> Routed:
         """Parse and pick an endpoint on the event loop, spending at most the routing budget."""

@@ -93,6 +93,7 @@ def test_bad_config_while_running_is_refused_and_old_one_stays(stubs: Stubs, tmp
 def test_reload_keeps_the_admin_port_and_a_taken_port_is_refused(stubs: Stubs,
                                                                  tmp_path) -> None:
     import socket
+    import threading
 
     import requests
 
@@ -121,6 +122,16 @@ def test_reload_keeps_the_admin_port_and_a_taken_port_is_refused(stubs: Stubs,
             with pytest.raises(exceptions.OptionsError, match="metrics_port"):
                 tctx.configure(addon, kvcache_config=str(taken))
             assert addon.gateway is before
+            assert "kvgate_routing_decisions_total" in requests.get(url, timeout=5).text
+            # a host name that cannot even be resolved: refused the same way, no threads left
+            badhost = tmp_path / "badhost.yaml"
+            badhost.write_text(yaml.safe_dump(stubs.kvgate_config(
+                metrics_port=free_port(), metrics_host="a..b")))
+            monitors = sum(t.name == "kvgate-monitor" for t in threading.enumerate())
+            with pytest.raises(exceptions.OptionsError, match="metrics_port"):
+                tctx.configure(addon, kvcache_config=str(badhost))
+            assert addon.gateway is before
+            assert sum(t.name == "kvgate-monitor" for t in threading.enumerate()) == monitors
             assert "kvgate_routing_decisions_total" in requests.get(url, timeout=5).text
             addon.done()
     finally:

@@ -111,3 +111,69 @@ def test_5xx_and_4xx_keep_their_meaning() -> None:
     results, _, _ = _run([err(500), err(404)], calls=2)
     assert isinstance(results[0], CallError) and results[0].retryable
     assert isinstance(results[1], CallError) and not results[1].retryable
+
+
+def test_a_huge_announced_chunk_is_refused_at_once() -> None:
+    import time as _time
+
+    start = _time.monotonic()
+    results, _, _ = _run([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7fffffff\r\n"
+                          + b"x" * 70000], timeout=2.0)
+    assert isinstance(results[0], CallError) and "ProtocolError" in str(results[0])
+    assert _time.monotonic() - start < 1.0  # not the timeout
+
+
+def test_204_ends_at_the_blank_line_even_if_it_says_chunked() -> None:
+    ans = b"HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n"
+    results, _, _ = _run([ans], timeout=1.0)
+    assert isinstance(results[0], CallError) and "timed out" not in str(results[0])
+
+
+def test_each_event_loop_keeps_its_own_connections() -> None:
+    import threading
+
+    ans = _answer(f"HTTP/1.1 200 OK\r\ncontent-length: {len(JSON)}")
+
+    async def serve() -> tuple[asyncio.AbstractServer, int]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    await reader.readexactly(n)
+                    writer.write(ans)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return server, server.sockets[0].getsockname()[1]
+
+    server_loop = asyncio.new_event_loop()
+    server, port = server_loop.run_until_complete(serve())
+    threading.Thread(target=server_loop.run_forever, daemon=True).start()
+    helper = AsyncHelper("t", f"http://127.0.0.1:{port}", CircuitBreaker("t", 50, 10, 2))
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        async def calls() -> None:
+            try:
+                for _ in range(50):
+                    assert await helper.post("/x", b"{}", 2.0) == {"ok": True}
+            finally:
+                helper.close_loop()
+
+        try:
+            asyncio.run(calls())
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    server_loop.call_soon_threadsafe(server.close)
+    server_loop.call_soon_threadsafe(server_loop.stop)
+    assert errors == []
+    assert len(helper._idle) == 0  # every loop closed its own

@@ -85,3 +85,20 @@ def test_discovery_config_rules(engine, controller) -> None:
             from_mapping(doc)
     cfg = from_mapping(gateway_doc(engine.url, controller.url, {"discovery": {"enabled": True}}))
     assert cfg.kvcache.discovery.cluster == "vllm" and cfg.kvcache.discovery.interval == 10.0
+
+
+def test_discovery_keeps_every_clusters_endpoints_in_the_monitor(engine, controller) -> None:
+    doc = gateway_doc(engine.url, controller.url,
+                      {"discovery": {"enabled": True, "interval": "1h", "cluster": "vllm",
+                                     "engine_port": 18099}},
+                      endpoint_ids=("vllm-1",))
+    doc["clusters"].append({"name": "other", "endpoints": [
+        {"id": "o-1", "socket_address": {"address": "127.0.0.1", "port": 18111}}]})
+    doc["routes"] = [{"prefix": "/v1/", "cluster": "vllm"}, {"prefix": "/o/", "cluster": "other"}]
+    controller.workers = [_info("vllm-9", "127.0.0.1")]
+    gw = Gateway(from_mapping(doc))
+    try:
+        assert gw.discovery is not None and gw.discovery.poll()
+        assert sorted(ep.id for ep in gw.monitor.endpoints) == ["o-1", "vllm-1", "vllm-9"]
+    finally:
+        gw.close()

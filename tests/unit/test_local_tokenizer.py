@@ -46,10 +46,9 @@ def test_chat_is_rendered_by_the_template_then_tokenized_without_specials(tok_di
                     "<|assistant|>\n")
     assert lt.encode_body({"messages": msgs}) == tuple(
         raw.encode(text, add_special_tokens=False).ids)
-    # text parts count as the joined string, as vLLM's "string" content format does
-    parts = [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                          {"type": "text", "text": "b"}]}]
-    assert lt.encode_chat(parts) == lt.encode_chat([{"role": "user", "content": "a\nb"}])
+    # content parts: vLLM joins them or passes a list, by what it detects in the template
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}]}]
+    assert lt.encode_chat(parts) is None
 
 
 def test_what_only_the_engine_knows_is_left_to_it(tok_dir: str) -> None:
@@ -122,3 +121,33 @@ def test_background_work_tokenizes_locally_too(make_gateway, engine, controller,
     assert "/tokenize" not in paths(engine)
     assert gw.token_cache.peek(routed.key) == LocalTokenizer(tok_dir).encode_body(
         {"messages": _chat("sys", "q")})
+
+
+def test_request_fields_that_change_vllms_tokens(tok_dir: str) -> None:
+    lt = LocalTokenizer(tok_dir)
+    with_bos = lt.encode_body({"prompt": "the cache"})
+    assert with_bos is not None
+    assert lt.encode_body({"prompt": "the cache", "add_special_tokens": False}) == with_bos[1:]
+    msgs = _chat("sys", "q")
+    no_gen = lt.render_chat(msgs, add_generation_prompt=False)
+    assert no_gen is not None and not no_gen.endswith("<|assistant|>\n")
+    assert lt.encode_body({"messages": msgs, "add_generation_prompt": False}) == \
+        lt.encode_prompt(no_gen, False)
+    for field, value in (("chat_template_kwargs", {"enable_thinking": False}),
+                         ("continue_final_message", True), ("documents", [{"t": "x"}]),
+                         ("add_special_tokens", "yes")):
+        assert lt.encode_body({"messages": msgs, field: value}) is None, field
+
+
+def test_templates_get_what_transformers_gives_them(tmp_path: Path, tok_dir: str) -> None:
+    (tmp_path / "tokenizer.json").write_bytes((Path(tok_dir) / "tokenizer.json").read_bytes())
+    template = ("{% if tools is not none %}TOOLS{% endif %}{{ unk_token }}"
+                "{{ strftime_now('%Y') }}{% for m in messages %}"
+                "{% generation %}{{ m['content'] | tojson }}{% endgeneration %}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "bos_token": "<s>", "unk_token": "<unk>"}))
+    lt = LocalTokenizer(str(tmp_path))
+    import datetime
+
+    assert lt.render_chat([{"role": "user", "content": "h\u00e9"}]) == \
+        f"<unk>{datetime.datetime.now():%Y}\"h\u00e9\""
