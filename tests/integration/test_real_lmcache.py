@@ -84,6 +84,18 @@ def metric(cluster: Cluster, eid: str, name: str) -> float:
     return float(found.group(1))
 
 
+def post_until(gw: Any, body: dict, header: str, value: str, pause: float,
+               timeout: float = 20) -> requests.Response:
+    """POST through the gateway until the answer's ``header`` is ``value`` (or time is up)."""
+    end = time.monotonic() + timeout
+    while True:
+        r = gw.post("/v1/completions", body)
+        assert r.status_code == 200
+        if r.headers[header] == value or time.monotonic() >= end:
+            return r
+        time.sleep(pause)
+
+
 def words(tag: str, n: int) -> str:
     return " ".join(f"{tag}{i}" for i in range(n))
 
@@ -189,13 +201,7 @@ def test_discovery_adds_an_engine_the_config_does_not_list(real: Cluster,
                                    "engine_port": real.ports["vllm-2"]}
     gw = start_mitmdump(tmp_path, cfg, mode=f"reverse:{cfg['kvcache']['vllm_endpoint']}")
     try:
-        end = time.monotonic() + 20
-        while time.monotonic() < end:
-            r = gw.post("/v1/completions", body)
-            assert r.status_code == 200
-            if r.headers["x-kvcache-endpoint"] == "vllm-2":
-                break
-            time.sleep(0.3)
+        r = post_until(gw, body, "x-kvcache-endpoint", "vllm-2", 0.3)
         assert r.headers["x-kvcache-endpoint"] == "vllm-2"
         assert r.headers["x-kvcache-route"] == "cache"
         assert r.headers["x-engine-id"] == "vllm-2"
@@ -221,13 +227,7 @@ def test_gateway_serves_through_a_controller_restart(real: Cluster, tmp_path: Pa
         assert set(routes) == {"fallback"}
         real.start_real_controller()
         wait_holder(real, tokens, "vllm-1", timeout=60)  # the worker re-registered, resent
-        end = time.monotonic() + 20
-        while time.monotonic() < end:
-            r = gw.post("/v1/completions", body)
-            assert r.status_code == 200
-            if r.headers["x-kvcache-route"] == "cache":
-                break
-            time.sleep(0.5)
+        r = post_until(gw, body, "x-kvcache-route", "cache", 0.5)
         assert r.headers["x-kvcache-route"] == "cache"
         assert r.headers["x-engine-id"] == "vllm-1"
         assert json.loads(r.content)["usage"]["prompt_tokens"] == len(tokens)
