@@ -84,6 +84,14 @@ def metric(cluster: Cluster, eid: str, name: str) -> float:
     return float(found.group(1))
 
 
+def served_by(cluster: Cluster, eid: str, body: dict) -> list[int]:
+    """Have ``eid`` serve ``body`` directly, wait until the controller knows; its tokens."""
+    assert post(engine_url(cluster, eid) + "/v1/completions", body).status_code == 200
+    tokens = tokens_of(cluster, body)
+    wait_holder(cluster, tokens, eid)
+    return tokens
+
+
 def post_until(gw: Any, body: dict, header: str, value: str, pause: float,
                timeout: float = 20) -> requests.Response:
     """POST through the gateway until the answer's ``header`` is ``value`` (or time is up)."""
@@ -123,8 +131,7 @@ def test_second_turn_goes_where_the_real_controller_says(real: Cluster, tmp_path
 def test_pins_and_compresses_reach_the_engine_holding_the_tokens(real: Cluster,
                                                                  tmp_path: Path) -> None:
     body = {"model": "m", "prompt": words("doc-b", 700)}
-    assert post(engine_url(real, "vllm-2") + "/v1/completions", body).status_code == 200
-    wait_holder(real, tokens_of(real, body), "vllm-2")
+    served_by(real, "vllm-2", body)
     cfg = real.config()
     cfg["kvcache"]["signals"] = "process"  # compress on the gateway's CPU, as the seed did
     cfg["kvcache"]["cache_strategy"] = {
@@ -192,8 +199,7 @@ def test_discovery_adds_an_engine_the_config_does_not_list(real: Cluster,
                                                           tmp_path: Path) -> None:
     """The real registry answers instance_id "all"; vllm-2 joins and is routed to by cache."""
     body = {"model": "m", "prompt": words("disc-f", 700)}
-    assert post(engine_url(real, "vllm-2") + "/v1/completions", body).status_code == 200
-    wait_holder(real, tokens_of(real, body), "vllm-2")
+    served_by(real, "vllm-2", body)
     cfg = real.config()
     cfg["clusters"][0]["endpoints"] = [ep for ep in cfg["clusters"][0]["endpoints"]
                                        if ep["id"] == "vllm-1"]
@@ -211,9 +217,7 @@ def test_discovery_adds_an_engine_the_config_does_not_list(real: Cluster,
 
 def test_gateway_serves_through_a_controller_restart(real: Cluster, tmp_path: Path) -> None:
     body = {"model": "m", "prompt": words("restart-e", 500)}
-    assert post(engine_url(real, "vllm-1") + "/v1/completions", body).status_code == 200
-    tokens = tokens_of(real, body)
-    wait_holder(real, tokens, "vllm-1")
+    tokens = served_by(real, "vllm-1", body)
     cfg = real.config()
     cfg["kvcache"]["circuit_breaker"] = {"failure_threshold": 2, "recovery_timeout": "1s"}
     gw = start_mitmdump(tmp_path, cfg, mode=f"reverse:{cfg['kvcache']['vllm_endpoint']}")
