@@ -143,6 +143,9 @@ class KVCacheConfig:
     # a prompt seen again this soon reuses its /lookup answer (plus where the gateway sent
     # it since); 0 = ask LMCache for every request
     lookup_cache_ttl: float = 1.0
+    # after lookup_cache_ttl the answer still routes for this long while one lookup renews
+    # it in the background (stale-while-revalidate); 0 = wait for a fresh answer
+    lookup_stale_ttl: float = 1.0
     # model name -> tokenizer.json (or the model directory holding it and
     # tokenizer_config.json): first-sight prompts are tokenized in-process, no /tokenize
     tokenizers: dict[str, str] = field(default_factory=dict)
@@ -270,6 +273,7 @@ _DURATIONS = {
     "recovery_timeout",
     "interval",
     "lookup_cache_ttl",
+    "lookup_stale_ttl",
 }
 
 
@@ -359,6 +363,7 @@ def validate(cfg: KVCacheConfig) -> None:
                         ("metrics_interval", cfg.metrics_interval),
                         ("prefix_index_size", cfg.prefix_index_size),
                         ("lookup_cache_ttl", cfg.lookup_cache_ttl),
+                        ("lookup_stale_ttl", cfg.lookup_stale_ttl),
                         ("min_batch_slots", cfg.min_batch_slots)):
         if value < 0:
             raise ConfigError(path, value, "must be >= 0")

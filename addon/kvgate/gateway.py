@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from cachetools import LRUCache, TTLCache
@@ -127,6 +128,9 @@ class Gateway:
         self.recent_lookups: LRUCache[str, tuple[float, tuple[Placement, ...]]] = LRUCache(
             RECENT_LOOKUPS_SIZE)
         self._recent_lock = threading.Lock()
+        # key -> the /lookup in flight for that prompt (on the loop that started it):
+        # concurrent requests for one prompt share it, and stale answers renew through it
+        self._asking: dict[str, asyncio.Task[list[Placement]]] = {}
         # key -> endpoint last written to the prefix index: a repeat routed the same way
         # skips the hashing; the pieces' recency is refreshed at least every 10 s
         self._indexed: TTLCache[str, str] = TTLCache(RECENT_LOOKUPS_SIZE, 10.0)
@@ -302,18 +306,74 @@ class Gateway:
                               len(routed.tokens))
         return routed
 
-    def _recent(self, key: str) -> list[Placement] | None:
-        """A lookup answer for this prompt still within lookup_cache_ttl."""
+    def _recent(self, key: str) -> tuple[list[Placement], bool] | None:
+        """This prompt's lookup answer and whether it is stale: within lookup_cache_ttl it
+        is fresh, for lookup_stale_ttl more it still routes while a renewal runs."""
         if self.kv.lookup_cache_ttl <= 0:
             return None
         with self._recent_lock:
             entry = self.recent_lookups.get(key)
             if entry is None:
                 return None
-            if entry[0] <= time.monotonic():
-                del self.recent_lookups[key]
-                return None
-            return list(entry[1])
+            now = time.monotonic()
+            if now < entry[0]:
+                return list(entry[1]), False
+            if now < entry[0] + self.kv.lookup_stale_ttl:
+                return list(entry[1]), True
+            del self.recent_lookups[key]
+            return None
+
+    async def _ask(self, key: str, probe: Tokens, timeout: float) -> list[Placement]:
+        """Where LMCache holds this prompt. Requests for one prompt arriving while its lookup
+        is in flight wait for that answer instead of asking again (unless the TTL is 0)."""
+        if self.kv.lookup_cache_ttl <= 0:  # ask for every request, as configured
+            return parse_layout(
+                await self.aio_lmcache.post("/lookup", lookup_body(probe), timeout))
+        task = self._asking.get(key)
+        if task is not None and task.get_loop() is asyncio.get_running_loop():
+            self.counters.inc("lookup.joined")
+        else:
+            task = self._start_lookup(key, probe, timeout)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:  # this request's budget ran out; the lookup goes on for others
+            raise CallError("lmcache /lookup: timed out", retryable=True) from None
+
+    def _start_lookup(self, key: str, probe: Tokens,
+                      timeout: float) -> asyncio.Task[list[Placement]]:
+        async def ask() -> list[Placement]:
+            return parse_layout(
+                await self.aio_lmcache.post("/lookup", lookup_body(probe), timeout))
+
+        task = asyncio.get_running_loop().create_task(ask())
+        self._asking[key] = task
+        task.add_done_callback(partial(self._asked, key))
+        return task
+
+    def _asked(self, key: str, task: asyncio.Task[list[Placement]]) -> None:
+        if self._asking.get(key) is task:
+            del self._asking[key]
+        if not task.cancelled():
+            task.exception()  # each waiter got it; nothing left to report at collection
+
+    def _revalidate(self, key: str, probe: Tokens) -> None:
+        """Renew a stale answer in the background: the request routes on the stale one."""
+        if key in self._asking:
+            return  # already being renewed (or asked)
+        if len(self._asking) >= self.kv.routing_workers:
+            self.counters.inc("lookup.renew_skipped")  # bounded: it expires instead
+            return
+        task = self._start_lookup(key, probe, self.routing_budget)
+        task.add_done_callback(partial(self._renewed, key))
+
+    def _renewed(self, key: str, task: asyncio.Task[list[Placement]]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self.counters.inc("lookup.renew_failed")
+            return
+        self.counters.inc("lookup.renewed")
+        with self._recent_lock:
+            self.recent_lookups[key] = (time.monotonic() + self.kv.lookup_cache_ttl,
+                                        tuple(task.result()))
 
     def _overlay(self, key: str, placements: list[Placement], endpoint_id: str,
                  n_tokens: int) -> None:
@@ -343,7 +403,10 @@ class Gateway:
         async def once() -> Routed:
             try:
                 return await self.route_async(cluster_name, body)
-            finally:  # the loop ends with this call: so do its connections
+            finally:  # the loop ends with this call: so do its lookups and connections
+                loop = asyncio.get_running_loop()
+                mine = [t for t in list(self._asking.values()) if t.get_loop() is loop]
+                await asyncio.gather(*mine, return_exceptions=True)
                 self.aio_tokenizer.close_loop()
                 self.aio_lmcache.close_loop()
 
@@ -394,15 +457,17 @@ class Gateway:
         if routed.tokens is not None:
             recent = self._recent(routed.key)
             if recent is not None:
-                return self.finish(cluster_name, routed, recent, None, "lookup.reused")
+                placements, stale = recent
+                if stale:
+                    self._revalidate(routed.key, probe)
+                return self.finish(cluster_name, routed, placements, None,
+                                   "lookup.stale" if stale else "lookup.reused")
         try:
             with self.exporter.lookup_seconds.time():
-                answer = await self.aio_lmcache.post(
-                    "/lookup", lookup_body(probe), end - loop.time()
-                )
+                placements = await self._ask(routed.key, probe, end - loop.time())
         except ROUTING_ERRORS as exc:
             return self.finish(cluster_name, routed, None, exc)
-        return self.finish(cluster_name, routed, parse_layout(answer), None)
+        return self.finish(cluster_name, routed, placements, None)
 
     def _local_tokens(self, parsed: ParsedRequest) -> Tokens | None:
         """In-process tokens for this model, or None (no tokenizer, or only vLLM can say)."""

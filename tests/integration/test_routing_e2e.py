@@ -257,3 +257,34 @@ def test_prometheus_metrics_on_the_admin_port(stubs: Stubs, mitm) -> None:
     assert "kvgate_background_queue_depth" in text
     assert "kvgate_token_cache_hit_ratio" in text
     assert "kvgate_matched_token_ratio_bucket" in text
+
+
+def test_a_stale_answer_routes_without_waiting_and_is_renewed(stubs: Stubs, mitm) -> None:
+    """Through mitmdump: after lookup_cache_ttl, a repeat routes on the old answer at once
+    while the gateway renews it; a slow controller does not slow the repeat."""
+    from kvgate.sim.ports import free_port
+
+    stubs.controller.holdings = {"vllm-3": [[7, 7, 7, 7, 7]]}
+    port = free_port()
+    gw = mitm(stubs.kvgate_config(metrics_port=port, lookup_cache_ttl="200ms",
+                                  lookup_stale_ttl="30s", lookup_routing_timeout="2s"),
+              mode=reverse(stubs))
+    body = {"model": "m", "prompt": [7, 7, 7, 7, 7]}
+    assert gw.post("/v1/completions", body).json()["engine"] == "vllm-3"
+    time.sleep(0.3)  # the answer is now stale
+    stubs.controller.delay = 1.0  # renewals take a second
+    t0 = time.monotonic()
+    r = gw.post("/v1/completions", body)
+    took = time.monotonic() - t0
+    assert r.headers["x-kvcache-route"] == "cache"
+    assert r.json()["engine"] == "vllm-3"
+    assert took < 0.8  # it did not wait for the renewal
+    deadline = time.monotonic() + 5
+    text = ""
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        if 'kvgate_helper_calls_total{helper="lookup",result="renewed"} 1.0' in text:
+            break
+        time.sleep(0.1)
+    assert 'kvgate_helper_calls_total{helper="lookup",result="stale"} 1.0' in text
+    assert 'kvgate_helper_calls_total{helper="lookup",result="renewed"} 1.0' in text

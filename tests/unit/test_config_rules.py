@@ -56,6 +56,8 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         ("routing_workers", 0),
         ("background_workers", 2000),
         ("background_queue", -1),
+        ("lookup_cache_ttl", "-1s"),
+        ("lookup_stale_ttl", "-500ms"),
     ],
 )
 def test_validate_refuses_and_names_the_field(path: str, value: Any) -> None:
@@ -243,6 +245,12 @@ def test_wrong_types_are_named(path: str, value: Any, problem: str) -> None:
         build_kvcache(_with(path, value), "kvcache.")
     assert info.value.field == f"kvcache.{path}"
     assert problem in info.value.problem
+
+
+def test_lookup_answer_windows_take_durations() -> None:
+    cfg = build_kvcache({"lookup_cache_ttl": "250ms", "lookup_stale_ttl": "2s"})
+    assert (cfg.lookup_cache_ttl, cfg.lookup_stale_ttl) == (0.25, 2.0)
+    assert build_kvcache({}).lookup_stale_ttl == 1.0
 
 
 def test_int_is_accepted_where_a_float_is_expected() -> None:

@@ -1,8 +1,11 @@
 """A prompt seen again within lookup_cache_ttl reuses its lookup answer, with the gateway's
-own routing of it overlaid; the first expiry stands, so staleness stays bounded."""
+own routing of it overlaid; the first expiry stands, so staleness stays bounded. For
+lookup_stale_ttl more the stale answer routes while one lookup renews it in the background,
+and requests for a prompt whose lookup is in flight share that lookup."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -45,7 +48,7 @@ def test_where_the_gateway_sent_a_new_prompt_counts_as_cached(make_gateway, cont
 def test_the_answer_expires_at_its_first_expiry_even_when_reused(make_gateway,
                                                                  controller) -> None:
     ids = list(range(2000, 2300))
-    gw = make_gateway({"lookup_cache_ttl": "300ms"})
+    gw = make_gateway({"lookup_cache_ttl": "300ms", "lookup_stale_ttl": 0})
     gw.route("vllm", _body(ids))
     t_end = time.monotonic() + 0.5
     while time.monotonic() < t_end:  # reused over and over: it must still expire
@@ -79,7 +82,133 @@ def test_overlay_keeps_the_longer_known_hold() -> None:
     try:
         gw._overlay("k", [Placement("a", "LocalCPUBackend", 900), Placement("b", "X", 10)],
                     "a", 500)
-        got = {p.instance_id: (p.location, p.tokens) for p in gw._recent("k") or []}
+        recent = gw._recent("k")
+        assert recent is not None and recent[1] is False  # fresh
+        got = {p.instance_id: (p.location, p.tokens) for p in recent[0]}
         assert got == {"a": ("LocalCPUBackend", 900), "b": ("X", 10)}
     finally:
         gw.close()
+
+
+def _expire(gw, key: str, ago: float) -> None:
+    """Make the stored answer for ``key`` have expired ``ago`` seconds back."""
+    expiry, placements = gw.recent_lookups[key]
+    gw.recent_lookups[key] = (time.monotonic() - ago, placements)
+
+
+def test_a_stale_answer_routes_at_once_and_is_renewed_in_the_background(
+        make_gateway, controller) -> None:
+    ids = list(range(4000, 4300))
+    controller.holdings = {"vllm-3": [ids]}
+    gw = make_gateway({"lookup_cache_ttl": "10s", "lookup_stale_ttl": "10s",
+                       "lookup_routing_timeout": "2s"})
+    first = gw.route("vllm", _body(ids))
+    assert first.decision.endpoint.id == "vllm-3"
+    _expire(gw, first.key, 1.0)
+    controller.delay = 0.4  # the renewal is slow: the request must not wait for it
+
+    async def stale_then_renewed() -> tuple[float, object]:
+        t0 = time.monotonic()
+        routed = await gw.route_async("vllm", _body(ids))
+        took = time.monotonic() - t0
+        await asyncio.gather(*list(gw._asking.values()))  # the renewal, in the background
+        gw.aio_lmcache.close_loop()
+        return took, routed
+
+    took, routed = asyncio.run(stale_then_renewed())
+    assert took < 0.2
+    assert routed.decision.reason == routing.CACHE
+    assert routed.decision.endpoint.id == "vllm-3"
+    assert gw.counters.get("lookup.stale") == 1
+    assert gw.counters.get("lookup.renewed") == 1
+    assert len(calls(controller, "/lookup")) == 2
+    fresh = gw._recent(first.key)
+    assert fresh is not None and fresh[1] is False  # renewed: fresh for another TTL
+    controller.delay = 0.0
+    gw.route("vllm", _body(ids))
+    assert len(calls(controller, "/lookup")) == 2
+    assert gw.counters.get("lookup.reused") == 1
+
+
+def test_past_the_stale_window_the_request_waits_for_a_fresh_answer(make_gateway,
+                                                                     controller) -> None:
+    ids = list(range(5000, 5300))
+    gw = make_gateway({"lookup_cache_ttl": "10s", "lookup_stale_ttl": "1s"})
+    first = gw.route("vllm", _body(ids))
+    _expire(gw, first.key, 1.5)  # expired 1.5 s ago: beyond the 1 s stale window
+    gw.route("vllm", _body(ids))
+    assert gw.counters.get("lookup.stale") == 0
+    assert gw.counters.get("lookup.routing_ok") == 2
+    assert len(calls(controller, "/lookup")) == 2
+
+
+def test_a_failed_renewal_keeps_the_stale_answer_only_to_the_end_of_its_window(
+        make_gateway, controller) -> None:
+    ids = list(range(6000, 6300))
+    controller.holdings = {"vllm-2": [ids]}
+    gw = make_gateway({"lookup_cache_ttl": "10s", "lookup_stale_ttl": "1s"})
+    first = gw.route("vllm", _body(ids))
+    _expire(gw, first.key, 0.5)
+    controller.script["/lookup"] = [500]
+    routed = gw.route("vllm", _body(ids))
+    assert routed.decision.endpoint.id == "vllm-2"  # the stale answer still routed it
+    assert gw.counters.get("lookup.renew_failed") == 1
+    recent = gw._recent(first.key)
+    assert recent is not None and recent[1] is True  # still stale, not renewed
+    _expire(gw, first.key, 1.5)
+    assert gw._recent(first.key) is None
+
+
+def test_requests_for_a_prompt_being_looked_up_share_that_lookup(make_gateway,
+                                                                 controller) -> None:
+    ids = list(range(7000, 7300))
+    controller.holdings = {"vllm-2": [ids]}
+    controller.delay = 0.2
+    gw = make_gateway({"lookup_cache_ttl": "10s", "lookup_routing_timeout": "2s"})
+    body = _body(ids)
+    gw.token_cache.put(gw.prepare("vllm", body).key, ids)  # tokens known: lookups only
+
+    async def three_at_once() -> list:
+        try:
+            return await asyncio.gather(*(gw.route_async("vllm", body) for _ in range(3)))
+        finally:
+            gw.aio_lmcache.close_loop()
+
+    routed = asyncio.run(three_at_once())
+    assert len(calls(controller, "/lookup")) == 1
+    assert gw.counters.get("lookup.joined") == 2
+    assert [r.decision.endpoint.id for r in routed] == ["vllm-2"] * 3
+    assert all(r.decision.reason == routing.CACHE for r in routed)
+
+
+def test_with_ttl_zero_every_request_asks_even_at_the_same_time(make_gateway,
+                                                                controller) -> None:
+    ids = list(range(8000, 8300))
+    controller.delay = 0.1
+    gw = make_gateway({"lookup_cache_ttl": 0, "lookup_routing_timeout": "2s"})
+    body = _body(ids)
+    gw.token_cache.put(gw.prepare("vllm", body).key, ids)
+
+    async def two_at_once() -> list:
+        try:
+            return await asyncio.gather(*(gw.route_async("vllm", body) for _ in range(2)))
+        finally:
+            gw.aio_lmcache.close_loop()
+
+    asyncio.run(two_at_once())
+    assert len(calls(controller, "/lookup")) == 2
+    assert gw.counters.get("lookup.joined") == 0
+
+
+def test_a_shared_lookup_that_outlasts_a_budget_fails_that_request_only(make_gateway,
+                                                                        controller) -> None:
+    ids = list(range(9000, 9300))
+    controller.holdings = {"vllm-3": [ids]}
+    controller.delay = 0.3
+    gw = make_gateway({"lookup_cache_ttl": "10s", "lookup_routing_timeout": "100ms"})
+    body = _body(ids)
+    gw.token_cache.put(gw.prepare("vllm", body).key, ids)
+    routed = gw.route("vllm", body)
+    assert routed.decision.reason == routing.FALLBACK
+    assert "timed out" in routed.decision.detail
+    assert gw._asking == {}
