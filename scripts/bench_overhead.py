@@ -1,8 +1,10 @@
 """Overhead of the kvgate addon against bare mitmdump, in one run, on loopback.
 
 Starts two fast engines and LMCache-API stand-ins (kvgate.sim.fast) as their own
-processes, then for each case a fresh ``mitmdump --mode reverse`` (bare, or with the
-addon) and drives it with a small asyncio keep-alive HTTP/1.1 client. Prints a table.
+processes, then for each case a fresh ``mitmdump --mode reverse`` (bare, with the
+least routing addon there is -- ``floor_addon.py`` -- or with kvgate) and drives it with
+a small asyncio keep-alive HTTP/1.1 client. Prints a table with throughput, latency and
+the CPU mitmdump spent per request (from /proc: steadier than throughput on a shared VM).
 Run it through ``scripts/bench_overhead`` (which sets up the venv).
 """
 
@@ -34,8 +36,9 @@ PROMPTS = 64
 
 
 
-def start(args: list[str]) -> subprocess.Popen[bytes]:
+def start(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(extra_env or {})
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
@@ -91,17 +94,31 @@ async def one_connection(port: int, reqs: list[bytes], stop_at: float, lat: list
     return done
 
 
-async def drive(port: int, conns: int, seconds: float, warmup: float) -> tuple[float, list[float]]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(port: int, conns: int, seconds: float, warmup: float,
+                pid: int | None = None) -> tuple[float, list[float], float]:
+    """Requests per second, latencies and the CPU seconds ``pid`` spent per request."""
     reqs = [request_bytes(b, port) for b in bodies()]
     warm: list[float] = []
     await asyncio.gather(*(one_connection(port, reqs, time.perf_counter() + warmup, warm, k * 5)
                            for k in range(conns)))
     lat: list[float] = []
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     t0 = time.perf_counter()
     counts = await asyncio.gather(
         *(one_connection(port, reqs, t0 + seconds, lat, k * 5) for k in range(conns)))
     elapsed = time.perf_counter() - t0
-    return sum(counts) / elapsed, lat
+    cpu = (cpu_seconds(pid) - cpu0) if pid else 0.0
+    done = max(sum(counts), 1)
+    return sum(counts) / elapsed, lat, cpu / done
 
 
 @dataclass
@@ -111,6 +128,7 @@ class Row:
     rps: float
     p50: float
     p99: float
+    cpu_us: float = 0.0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -124,6 +142,10 @@ def run_case(name: str, conns: int, backends: list[int], ctl_port: int | None,
     port = free_port()
     args = [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port),
             "--mode", f"reverse:http://127.0.0.1:{backends[0]}", "--set", "flow_detail=0"]
+    env: dict[str, str] = {}
+    if name == FLOOR:
+        args += ["-s", str(ROOT / "scripts" / "floor_addon.py")]
+        env["KVGATE_FLOOR_ENGINES"] = ",".join(str(b) for b in backends)
     if ctl_port is not None:
         kv: dict = {
             "vllm_endpoint": f"http://127.0.0.1:{backends[0]}",
@@ -142,24 +164,26 @@ def run_case(name: str, conns: int, backends: list[int], ctl_port: int | None,
         path = tmp / f"bench-{port}.json"
         path.write_text(json.dumps(cfg))  # JSON is YAML
         args += ["-s", str(ROOT / "addon" / "kvcache.py"), "--set", f"kvcache_config={path}"]
-    proc = start(args)
+    proc = start(args, env)
     try:
         wait_port(port)
         time.sleep(1.0)  # let the script load
-        rps, lat = asyncio.run(drive(port, conns, seconds, warmup=1.0))
+        rps, lat, cpu = asyncio.run(drive(port, conns, seconds, warmup=1.0, pid=proc.pid))
     finally:
         stop(proc)
-    return Row(name, conns, rps, pct(lat, 0.5), pct(lat, 0.99))
+    return Row(name, conns, rps, pct(lat, 0.5), pct(lat, 0.99), cpu * 1e6)
 
 
 BARE = "bare mitmdump"
+FLOOR = "mitmdump + round-robin floor addon"
 ADDON = "mitmdump + kvgate"
 ASK_ALWAYS = "+ kvgate, lookup_cache_ttl 0"
 
 
 def median_row(rows: list[Row]) -> Row:
     return Row(rows[0].case, rows[0].conns, statistics.median(r.rps for r in rows),
-               statistics.median(r.p50 for r in rows), statistics.median(r.p99 for r in rows))
+               statistics.median(r.p50 for r in rows), statistics.median(r.p99 for r in rows),
+               statistics.median(r.cpu_us for r in rows))
 
 
 def main() -> None:
@@ -183,9 +207,10 @@ def main() -> None:
     slow_name = f"+ kvgate, lookups {args.lookup_ms:g} ms"
     cases: list[tuple[str, int, int | None, str, str | None]] = []
     for conns in (1, 16):
-        cases += [(BARE, conns, None, "50ms", None), (ADDON, conns, fast_ctl, "50ms", None),
+        cases += [(BARE, conns, None, "50ms", None), (FLOOR, conns, None, "50ms", None),
+                  (ADDON, conns, fast_ctl, "50ms", None),
                   (ASK_ALWAYS, conns, fast_ctl, "50ms", "0")]
-    cases += [(slow_name, 32, slow_ctl, "200ms", None),
+    cases += [(BARE, 32, None, "50ms", None), (slow_name, 32, slow_ctl, "200ms", None),
               (slow_name + ", lookup_cache_ttl 0", 32, slow_ctl, "200ms", "0")]
     runs: dict[tuple[str, int], list[Row]] = {}
     try:
@@ -209,26 +234,30 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; {args.seconds:g} s per case, median of "
           f"{args.repeats} rounds; 2 engines\n")
-    print("| case | connections | req/s | p50 ms | p99 ms | req/s of each round |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| case | connections | req/s | p50 ms | p99 ms | mitmdump CPU us/req "
+          "| req/s of each round |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         each = " / ".join(f"{x.rps:.0f}" for x in runs[(r.case, r.conns)])
-        print(f"| {r.case} | {r.conns} | {r.rps:.0f} | {r.p50:.2f} | {r.p99:.2f} | {each} |")
+        print(f"| {r.case} | {r.conns} | {r.rps:.0f} | {r.p50:.2f} | {r.p99:.2f} "
+              f"| {r.cpu_us:.0f} | {each} |")
     by = {(r.case, r.conns): r for r in rows}
     print()
     for conns in (1, 16):
         bare = by[(BARE, conns)]
-        for case in (ADDON, ASK_ALWAYS):
+        for case in (FLOOR, ADDON, ASK_ALWAYS):
             addon = by[(case, conns)]
             print(f"{conns:>2} conn, {case}: throughput ratio {addon.rps / bare.rps:.2f} "
                   f"(target >= 0.90), p50 added {addon.p50 - bare.p50:+.2f} ms"
-                  + (" (target <= 1 ms)" if conns == 1 else ""))
+                  + (" (target <= 1 ms)" if conns == 1 else "")
+                  + f", CPU/request {addon.cpu_us / max(bare.cpu_us, 1e-9):.2f}x bare")
     backend_ms = by[(BARE, 1)].p50
     bound = 32 / ((args.lookup_ms + backend_ms) / 1000)
+    ceiling = by[(BARE, 32)].rps
     for r in rows[-2:]:
         print(f"{r.case}: {r.rps:.0f} req/s = {r.rps / bound:.2f} x the bound "
               f"32 / ({args.lookup_ms:g} ms + {backend_ms:.2f} ms) = {bound:.0f} "
-              "(target >= 0.80)")
+              f"(target >= 0.80); bare mitmdump itself does {ceiling:.0f} at 32 connections")
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
 
