@@ -18,11 +18,20 @@ log = logging.getLogger("kvgate")
 META = "kvcache"
 
 
+def _header(headers: http.Headers, name: bytes) -> str:
+    """The first value of a header: Headers.get converts every field it passes; this
+    compares raw bytes, which matters on a path taken by every request."""
+    for key, value in headers.fields:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
+
+
 def _unparseable(gw: Gateway, req: http.Request) -> str | None:
     """Why this request's body is not read (None: read it)."""
     if req.method != "POST":
         return "not a POST"
-    encoding = req.headers.get("content-encoding", "").strip().lower()
+    encoding = _header(req.headers, b"content-encoding").strip().lower()
     if encoding not in ("", "identity"):
         return "compressed body"
     if req.raw_content is None:
@@ -214,7 +223,8 @@ class KVCacheAddon:
         elif decision.detail:
             comment += f" ({decision.detail})"
         flow.comment = comment
-        log.debug("[kvcache] %s %s key=%s", flow.request.path, comment, meta.get("prompt_hash"))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("[kvcache] %s %s key=%s", req.path, comment, meta.get("prompt_hash"))
         if gw.needs_background(routed):
             cancel = threading.Event()
             self._cancels[flow.id] = cancel
@@ -225,7 +235,7 @@ class KVCacheAddon:
             resp = flow.response
             if resp is None:
                 return
-            if resp.headers.get("content-type", "").lower().startswith("text/event-stream"):
+            if _header(resp.headers, b"content-type").lower().startswith("text/event-stream"):
                 resp.stream = True
             gw = self.gateway
             meta = flow.metadata.get(META)
