@@ -130,7 +130,7 @@ class Gateway:
         self._recent_lock = threading.Lock()
         # key -> the /lookup in flight for that prompt (on the loop that started it):
         # concurrent requests for one prompt share it, and stale answers renew through it
-        self._asking: dict[str, asyncio.Task[list[Placement]]] = {}
+        self._asking: dict[str, asyncio.Future[list[Placement]]] = {}
         # key -> endpoint last written to the prefix index: a repeat routed the same way
         # skips the hashing; the pieces' recency is refreshed at least every 10 s
         self._indexed: TTLCache[str, str] = TTLCache(RECENT_LOOKUPS_SIZE, 10.0)
@@ -329,15 +329,32 @@ class Gateway:
         if self.kv.lookup_cache_ttl <= 0:  # ask for every request, as configured
             return parse_layout(
                 await self.aio_lmcache.post("/lookup", lookup_body(probe), timeout))
-        task = self._asking.get(key)
-        if task is not None and task.get_loop() is asyncio.get_running_loop():
+        loop = asyncio.get_running_loop()
+        pending = self._asking.get(key)
+        if pending is not None and pending.get_loop() is loop:
             self.counters.inc("lookup.joined")
-        else:
-            task = self._start_lookup(key, probe, timeout)
+            try:
+                return await asyncio.wait_for(asyncio.shield(pending), timeout)
+            except TimeoutError:  # this request's budget ran out; the lookup goes on
+                raise CallError("lmcache /lookup: timed out", retryable=True) from None
+        # the first asker awaits the call itself (no task, no extra loop turn) and hands
+        # the answer to whoever joined meanwhile
+        shared: asyncio.Future[list[Placement]] = loop.create_future()
+        self._asking[key] = shared
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:  # this request's budget ran out; the lookup goes on for others
-            raise CallError("lmcache /lookup: timed out", retryable=True) from None
+            placements = parse_layout(
+                await self.aio_lmcache.post("/lookup", lookup_body(probe), timeout))
+        except BaseException as exc:  # joiners get an error they fall back on, never a cancel
+            shared.set_exception(exc if isinstance(exc, Exception) else CallError(
+                "lmcache /lookup: cancelled", retryable=True))
+            shared.exception()  # retrieved: nothing to report when it is collected
+            raise
+        else:
+            shared.set_result(placements)
+            return placements
+        finally:
+            if self._asking.get(key) is shared:
+                del self._asking[key]
 
     def _start_lookup(self, key: str, probe: Tokens,
                       timeout: float) -> asyncio.Task[list[Placement]]:
@@ -350,7 +367,7 @@ class Gateway:
         task.add_done_callback(partial(self._asked, key))
         return task
 
-    def _asked(self, key: str, task: asyncio.Task[list[Placement]]) -> None:
+    def _asked(self, key: str, task: asyncio.Future[list[Placement]]) -> None:
         if self._asking.get(key) is task:
             del self._asking[key]
         if not task.cancelled():
@@ -366,7 +383,7 @@ class Gateway:
         task = self._start_lookup(key, probe, self.routing_budget)
         task.add_done_callback(partial(self._renewed, key))
 
-    def _renewed(self, key: str, task: asyncio.Task[list[Placement]]) -> None:
+    def _renewed(self, key: str, task: asyncio.Future[list[Placement]]) -> None:
         if task.cancelled() or task.exception() is not None:
             self.counters.inc("lookup.renew_failed")
             return

@@ -212,3 +212,25 @@ def test_a_shared_lookup_that_outlasts_a_budget_fails_that_request_only(make_gat
     assert routed.decision.reason == routing.FALLBACK
     assert "timed out" in routed.decision.detail
     assert gw._asking == {}
+
+
+def test_a_failed_shared_lookup_fails_every_request_that_joined_it(make_gateway,
+                                                                   controller) -> None:
+    ids = list(range(9500, 9800))
+    controller.delay = 0.2
+    controller.script["/lookup"] = [500]
+    gw = make_gateway({"lookup_cache_ttl": "10s", "lookup_routing_timeout": "2s"})
+    body = _body(ids)
+    gw.token_cache.put(gw.prepare("vllm", body).key, ids)
+
+    async def three_at_once() -> list:
+        try:
+            return await asyncio.gather(*(gw.route_async("vllm", body) for _ in range(3)))
+        finally:
+            gw.aio_lmcache.close_loop()
+
+    routed = asyncio.run(three_at_once())
+    assert len(calls(controller, "/lookup")) == 1
+    assert gw.counters.get("lookup.joined") == 2
+    assert [r.decision.reason for r in routed] == [routing.FALLBACK] * 3
+    assert gw._asking == {}
