@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -116,18 +115,14 @@ def measure(kind: str, kv: dict, engines: list[int], ctl: int, tmp: Path, reques
         subprocess.run([control, "-i", "off", str(proc.pid)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finally:  # under valgrind, shutting down and writing the counts takes a while
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(180)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=180)
     return counted(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--requests", type=int, default=1000, help="counted requests per case")
+    ap.add_argument("--requests", type=int, default=1000,
+                    help="counted requests per case (far fewer and the window's fixed costs show)")
     ap.add_argument("--connections", type=int, default=1)
     ap.add_argument("--idle-seconds", type=float, default=10.0,
                     help="how long the idle gateway's background work is counted")

@@ -96,6 +96,25 @@ def _expire(gw, key: str, ago: float) -> None:
     gw.recent_lookups[key] = (time.monotonic() - ago, placements)
 
 
+def _known(gw, ids: list[int]) -> bytes:
+    """A body whose tokens the gateway already has: routing it needs lookups only."""
+    body = _body(ids)
+    gw.token_cache.put(gw.prepare("vllm", body).key, ids)
+    return body
+
+
+def _at_once(gw, body: bytes, n: int) -> list:
+    """``n`` concurrent routings of ``body`` on one event loop."""
+
+    async def together() -> list:
+        try:
+            return await asyncio.gather(*(gw.route_async("vllm", body) for _ in range(n)))
+        finally:
+            gw.aio_lmcache.close_loop()
+
+    return asyncio.run(together())
+
+
 def test_a_stale_answer_routes_at_once_and_is_renewed_in_the_background(
         make_gateway, controller) -> None:
     ids = list(range(4000, 4300))
@@ -165,16 +184,7 @@ def test_requests_for_a_prompt_being_looked_up_share_that_lookup(make_gateway,
     controller.holdings = {"vllm-2": [ids]}
     controller.delay = 0.2
     gw = make_gateway({"lookup_cache_ttl": "10s", "lookup_routing_timeout": "2s"})
-    body = _body(ids)
-    gw.token_cache.put(gw.prepare("vllm", body).key, ids)  # tokens known: lookups only
-
-    async def three_at_once() -> list:
-        try:
-            return await asyncio.gather(*(gw.route_async("vllm", body) for _ in range(3)))
-        finally:
-            gw.aio_lmcache.close_loop()
-
-    routed = asyncio.run(three_at_once())
+    routed = _at_once(gw, _known(gw, ids), 3)
     assert len(calls(controller, "/lookup")) == 1
     assert gw.counters.get("lookup.joined") == 2
     assert [r.decision.endpoint.id for r in routed] == ["vllm-2"] * 3
@@ -186,16 +196,7 @@ def test_with_ttl_zero_every_request_asks_even_at_the_same_time(make_gateway,
     ids = list(range(8000, 8300))
     controller.delay = 0.1
     gw = make_gateway({"lookup_cache_ttl": 0, "lookup_routing_timeout": "2s"})
-    body = _body(ids)
-    gw.token_cache.put(gw.prepare("vllm", body).key, ids)
-
-    async def two_at_once() -> list:
-        try:
-            return await asyncio.gather(*(gw.route_async("vllm", body) for _ in range(2)))
-        finally:
-            gw.aio_lmcache.close_loop()
-
-    asyncio.run(two_at_once())
+    _at_once(gw, _known(gw, ids), 2)
     assert len(calls(controller, "/lookup")) == 2
     assert gw.counters.get("lookup.joined") == 0
 
@@ -206,9 +207,7 @@ def test_a_shared_lookup_that_outlasts_a_budget_fails_that_request_only(make_gat
     controller.holdings = {"vllm-3": [ids]}
     controller.delay = 0.3
     gw = make_gateway({"lookup_cache_ttl": "10s", "lookup_routing_timeout": "100ms"})
-    body = _body(ids)
-    gw.token_cache.put(gw.prepare("vllm", body).key, ids)
-    routed = gw.route("vllm", body)
+    routed = gw.route("vllm", _known(gw, ids))
     assert routed.decision.reason == routing.FALLBACK
     assert "timed out" in routed.decision.detail
     assert gw._asking == {}
@@ -220,16 +219,7 @@ def test_a_failed_shared_lookup_fails_every_request_that_joined_it(make_gateway,
     controller.delay = 0.2
     controller.script["/lookup"] = [500]
     gw = make_gateway({"lookup_cache_ttl": "10s", "lookup_routing_timeout": "2s"})
-    body = _body(ids)
-    gw.token_cache.put(gw.prepare("vllm", body).key, ids)
-
-    async def three_at_once() -> list:
-        try:
-            return await asyncio.gather(*(gw.route_async("vllm", body) for _ in range(3)))
-        finally:
-            gw.aio_lmcache.close_loop()
-
-    routed = asyncio.run(three_at_once())
+    routed = _at_once(gw, _known(gw, ids), 3)
     assert len(calls(controller, "/lookup")) == 1
     assert gw.counters.get("lookup.joined") == 2
     assert [r.decision.reason for r in routed] == [routing.FALLBACK] * 3
