@@ -327,8 +327,7 @@ class Gateway:
         """Where LMCache holds this prompt. Requests for one prompt arriving while its lookup
         is in flight wait for that answer instead of asking again (unless the TTL is 0)."""
         if self.kv.lookup_cache_ttl <= 0:  # ask for every request, as configured
-            return parse_layout(
-                await self.aio_lmcache.post("/lookup", lookup_body(probe), timeout))
+            return await self._lookup(probe, timeout)
         loop = asyncio.get_running_loop()
         pending = self._asking.get(key)
         if pending is not None and pending.get_loop() is loop:
@@ -342,8 +341,7 @@ class Gateway:
         shared: asyncio.Future[list[Placement]] = loop.create_future()
         self._asking[key] = shared
         try:
-            placements = parse_layout(
-                await self.aio_lmcache.post("/lookup", lookup_body(probe), timeout))
+            placements = await self._lookup(probe, timeout)
         except BaseException as exc:  # joiners get an error they fall back on, never a cancel
             shared.set_exception(exc if isinstance(exc, Exception) else CallError(
                 "lmcache /lookup: cancelled", retryable=True))
@@ -356,22 +354,8 @@ class Gateway:
             if self._asking.get(key) is shared:
                 del self._asking[key]
 
-    def _start_lookup(self, key: str, probe: Tokens,
-                      timeout: float) -> asyncio.Task[list[Placement]]:
-        async def ask() -> list[Placement]:
-            return parse_layout(
-                await self.aio_lmcache.post("/lookup", lookup_body(probe), timeout))
-
-        task = asyncio.get_running_loop().create_task(ask())
-        self._asking[key] = task
-        task.add_done_callback(partial(self._asked, key))
-        return task
-
-    def _asked(self, key: str, task: asyncio.Future[list[Placement]]) -> None:
-        if self._asking.get(key) is task:
-            del self._asking[key]
-        if not task.cancelled():
-            task.exception()  # each waiter got it; nothing left to report at collection
+    async def _lookup(self, probe: Tokens, timeout: float) -> list[Placement]:
+        return parse_layout(await self.aio_lmcache.post("/lookup", lookup_body(probe), timeout))
 
     def _revalidate(self, key: str, probe: Tokens) -> None:
         """Renew a stale answer in the background: the request routes on the stale one."""
@@ -380,10 +364,14 @@ class Gateway:
         if len(self._asking) >= self.kv.routing_workers:
             self.counters.inc("lookup.renew_skipped")  # bounded: it expires instead
             return
-        task = self._start_lookup(key, probe, self.routing_budget)
+        task = asyncio.get_running_loop().create_task(self._lookup(probe, self.routing_budget))
+        self._asking[key] = task  # requests that need an answer meanwhile join it
         task.add_done_callback(partial(self._renewed, key))
 
     def _renewed(self, key: str, task: asyncio.Future[list[Placement]]) -> None:
+        if self._asking.get(key) is task:
+            del self._asking[key]
+        # exception() also marks a failure as seen: joiners re-raised it already
         if task.cancelled() or task.exception() is not None:
             self.counters.inc("lookup.renew_failed")
             return
