@@ -25,8 +25,8 @@ from mitmproxy.proxy.mode_specs import ProxyMode  # noqa: E402
 from mitmproxy.test import taddons, tflow  # noqa: E402
 
 from kvgate.addon import KVCacheAddon  # noqa: E402
-from kvgate.lmcache import Placement  # noqa: E402
-from kvgate.parsing import cache_key, parse_body  # noqa: E402
+from kvgate.placement.layout import Placement  # noqa: E402
+from kvgate.request.parsing import cache_key, parse_body  # noqa: E402
 
 
 async def per_request_us(enabled: bool, n: int, tmp: Path) -> float:
@@ -48,7 +48,8 @@ async def per_request_us(enabled: bool, n: int, tmp: Path) -> float:
             parsed = parse_body(body, "")
             key = cache_key(parsed.model, parsed.key_text)
             gw.token_cache.put(key, tuple(range(300)))  # tokens and an answer known
-            gw._overlay(key, [Placement("engine-1", "LocalCPUBackend", 256)], "engine-1", 300)
+            gw.lookups.overlay(key, [Placement("engine-1", "LocalCPUBackend", 256)], "engine-1",
+                               300)
             f = tflow.tflow(resp=False)
             f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9001")
             f.request.method, f.request.path = "POST", "/v1/completions"

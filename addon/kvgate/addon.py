@@ -1,4 +1,4 @@
-"""The mitmproxy glue: options, hooks and flow annotations. Decisions live in ``gateway``."""
+"""The mitmproxy glue: options, hooks and flow annotations. The pipeline is ``gateway``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Any
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from . import config, routing
-from .gateway import Gateway, Routed
+from . import config
+from .gateway import Gateway
+from .policies.base import BALANCER, DISABLED
+from .request.routed import Routed
 
 log = logging.getLogger("kvgate")
 
@@ -162,17 +164,17 @@ class KVCacheAddon:
         vhosts = gw.kv.virtual_hosts
         if host in vhosts or f"{host}:{port}" in vhosts:
             return route.cluster
-        if any(c.find(host, port) for c in gw.clusters.values()):
+        if any(c.find(host, port) for c in gw.fleet.clusters.values()):
             return route.cluster
         return None
 
     async def _decide(self, gw: Gateway, cluster: str, flow: http.HTTPFlow) -> Routed:
         if not gw.kv.enabled:
-            return Routed(gw.balancer(cluster, routing.DISABLED))
+            return Routed(gw.balancer(cluster, DISABLED))
         reason = _unparseable(gw, flow.request)
         if reason is not None:
             gw.counters.inc("requests.not_parsed")
-            return Routed(gw.balancer(cluster, routing.BALANCER, reason))
+            return Routed(gw.balancer(cluster, BALANCER, reason))
         body = flow.request.raw_content
         assert body is not None
         return await gw.route_async(cluster, body)
@@ -201,7 +203,7 @@ class KVCacheAddon:
             req.port = ep.port
         if req.host_header != ep.hostport:
             req.host_header = ep.hostport
-        gw.clusters[cluster].begin(ep.id)
+        gw.fleet.clusters[cluster].begin(ep.id)
         self._owners[flow.id] = gw
         meta: dict[str, Any] = {
             "cluster": cluster,
@@ -225,10 +227,9 @@ class KVCacheAddon:
         flow.comment = comment
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[kvcache] %s %s key=%s", req.path, comment, meta.get("prompt_hash"))
-        if gw.needs_background(routed):
-            cancel = threading.Event()
+        cancel = gw.background(routed)
+        if cancel is not None:
             self._cancels[flow.id] = cancel
-            gw.submit_background(routed, cancel)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         try:
@@ -253,7 +254,7 @@ class KVCacheAddon:
         if not meta or meta.get("finished") or gw is None:
             return
         meta["finished"] = True
-        cluster = gw.clusters.get(meta["cluster"])
+        cluster = gw.fleet.clusters.get(meta["cluster"])
         if cluster is not None:
             cluster.end(meta["endpoint"])
 
@@ -277,7 +278,7 @@ class KVCacheAddon:
                 and flow.error is not None
                 and _is_connect_failure(flow.error.msg)
             ):
-                gw.health.mark_down(meta["endpoint"])
+                gw.fleet.health.mark_down(meta["endpoint"])
                 gw.counters.inc("health.ejections")
                 log.warning("[kvcache] endpoint %s ejected: %s", meta["endpoint"],
                             flow.error.msg)

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from kvgate.breaker import CircuitBreaker
-from kvgate.client import HelperClient
+from kvgate.clients.breaker import CircuitBreaker
+from kvgate.clients.http import HelperClient
+from kvgate.clients.lmcache import LMCacheClient
 from kvgate.config import RetryConfig, from_mapping
 from kvgate.gateway import Gateway
-from kvgate.lmcache import LMCacheClient
 
 from unit_support import (
     FakeClock,

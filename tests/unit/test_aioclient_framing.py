@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
-from kvgate.aioclient import AsyncHelper
-from kvgate.breaker import CircuitBreaker
-from kvgate.client import CallError
+from kvgate.clients.aio_http import AsyncHelper
+from kvgate.clients.breaker import CircuitBreaker
+from kvgate.clients.http import CallError
 
 JSON = b'{"ok": true}'
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kvgate.background import BoundedPool
+from kvgate.cache_management.pool import BoundedPool
 
 from unit_support import wait_for
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvgate.breaker import CircuitBreaker, State
+from kvgate.clients.breaker import CircuitBreaker, State
 
 from unit_support import FakeClock
 

@@ -10,7 +10,7 @@ import yaml
 
 from kvgate import config
 from kvgate.config import ConfigError, Route, from_mapping
-from kvgate.durations import parse_duration
+from kvgate.config.durations import parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
 SEED_FILE = REPO / "configs" / "ai_kvcache_config.yaml"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kvgate.parsing import parse_body
+from kvgate.request.parsing import parse_body
 
 from unit_support import calls, paths
 

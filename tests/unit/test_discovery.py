@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from kvgate.client import CallError
+from kvgate.clients.http import CallError
 from kvgate.config import ConfigError, Endpoint, from_mapping
-from kvgate.discovery import parse_workers, plan
+from kvgate.fleet.discovery import parse_workers, plan
 from kvgate.gateway import Gateway
 
 from unit_support import gateway_doc
@@ -51,14 +51,14 @@ def test_poll_joins_registered_engines_and_flags_unregistered_ones(engine, contr
     controller.workers = [_info("vllm-9", "127.0.0.1")]
     gw = _gateway(engine, controller, engine_port=18099)
     try:
-        assert gw.discovery is not None and gw.discovery.poll()
-        cluster = gw.clusters["vllm"]
+        assert gw.fleet.discovery is not None and gw.fleet.discovery.poll()
+        cluster = gw.fleet.clusters["vllm"]
         assert [ep.id for ep in cluster.endpoints] == ["vllm-1", "vllm-9"]
         assert cluster.by_id["vllm-9"].url == "http://127.0.0.1:18099"
-        assert [ep.id for ep in gw.monitor.endpoints] == ["vllm-1", "vllm-9"]
+        assert [ep.id for ep in gw.fleet.monitor.endpoints] == ["vllm-1", "vllm-9"]
         assert gw.stats()["discovery"] == {"discovered": ["vllm-9"], "unregistered": ["vllm-1"]}
         controller.workers = []
-        assert gw.discovery.poll()
+        assert gw.fleet.discovery.poll()
         assert [ep.id for ep in cluster.endpoints] == ["vllm-1"]
     finally:
         gw.close()
@@ -68,9 +68,9 @@ def test_poll_survives_a_controller_without_registry(engine, controller) -> None
     controller.script["/query_worker_info"] = [500]
     gw = _gateway(engine, controller, engine_port=18099)
     try:
-        assert gw.discovery is not None and not gw.discovery.poll()
+        assert gw.fleet.discovery is not None and not gw.fleet.discovery.poll()
         assert gw.counters.get("discovery.failed") == 1
-        assert [ep.id for ep in gw.clusters["vllm"].endpoints] == ["vllm-1"]
+        assert [ep.id for ep in gw.fleet.clusters["vllm"].endpoints] == ["vllm-1"]
     finally:
         gw.close()
 
@@ -98,7 +98,7 @@ def test_discovery_keeps_every_clusters_endpoints_in_the_monitor(engine, control
     controller.workers = [_info("vllm-9", "127.0.0.1")]
     gw = Gateway(from_mapping(doc))
     try:
-        assert gw.discovery is not None and gw.discovery.poll()
-        assert sorted(ep.id for ep in gw.monitor.endpoints) == ["o-1", "vllm-1", "vllm-9"]
+        assert gw.fleet.discovery is not None and gw.fleet.discovery.poll()
+        assert sorted(ep.id for ep in gw.fleet.monitor.endpoints) == ["o-1", "vllm-1", "vllm-9"]
     finally:
         gw.close()

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from kvgate.config import ConfigError, build_kvcache
-from kvgate.durations import format_duration, parse_duration
+from kvgate.config.durations import format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,10 @@ import json
 import socket
 import time
 
-from kvgate import routing
-from kvgate.breaker import State
+from kvgate.clients.breaker import State
 from kvgate.config import from_mapping
 from kvgate.gateway import PARSE_INLINE_MAX, Gateway
+from kvgate.policies import base as routing
 from kvgate.sim.stub import tokenize_text
 
 from unit_support import calls, gateway_doc, paths
@@ -27,8 +27,8 @@ def _route(gw, body: bytes = BODY):
         try:
             return await gw.route_async("vllm", body)
         finally:
-            gw.aio_tokenizer.close()
-            gw.aio_lmcache.close()
+            gw.helpers.aio_tokenizer.close()
+            gw.helpers.aio_lmcache.close()
 
     return asyncio.run(run())
 
@@ -85,7 +85,7 @@ def test_slow_controller_falls_back_within_the_budget(make_gateway, controller) 
     assert routed.decision.reason == routing.FALLBACK
     assert routed.decision.detail.startswith("lookup")
     assert len(calls(controller, "/lookup")) == 1
-    assert gw.lmcache_breaker.snapshot()["consecutive_failures"] == 1
+    assert gw.helpers.lmcache_breaker.snapshot()["consecutive_failures"] == 1
 
 
 def test_slow_tokenizer_falls_back_without_lookup(make_gateway, engine, controller) -> None:
@@ -116,7 +116,7 @@ def test_lookup_4xx_falls_back_and_proves_the_helper_alive(make_gateway, control
     gw = make_gateway({"circuit_breaker": {"failure_threshold": 1}})
     routed = _route(gw)
     assert routed.decision.reason == routing.FALLBACK
-    assert gw.lmcache_breaker.state is State.CLOSED
+    assert gw.helpers.lmcache_breaker.state is State.CLOSED
 
 
 def test_tokenize_error_does_not_populate_the_cache(make_gateway, engine) -> None:
@@ -131,7 +131,7 @@ def test_tokenize_error_does_not_populate_the_cache(make_gateway, engine) -> Non
 
 def test_open_breaker_means_no_calls(make_gateway, engine, controller) -> None:
     gw = make_gateway({"circuit_breaker": {"failure_threshold": 1, "recovery_timeout": "1m"}})
-    gw.tokenizer_breaker.failure()
+    gw.helpers.tokenizer_breaker.failure()
     routed = _route(gw)
     assert routed.decision.reason == routing.FALLBACK
     assert "breaker" in routed.decision.detail
@@ -148,7 +148,7 @@ def test_concurrent_requests_wait_in_parallel(make_gateway, controller) -> None:
         try:
             return await asyncio.gather(*(gw.route_async("vllm", b) for b in bodies))
         finally:
-            gw.aio_lmcache.close()
+            gw.helpers.aio_lmcache.close()
 
     start = time.monotonic()
     results = asyncio.run(many())
@@ -186,7 +186,7 @@ def test_keep_alive_connection_is_reused_within_a_loop(make_gateway, controller)
                 out.append(await gw.route_async("vllm", json.dumps({"prompt": [i]}).encode()))
             return out
         finally:
-            gw.aio_lmcache.close()
+            gw.helpers.aio_lmcache.close()
 
     results = asyncio.run(three())
     assert [r.decision.reason for r in results] == [routing.CACHE] * 3
@@ -207,12 +207,12 @@ def test_connection_closed_by_the_server_is_not_reused(make_gateway, controller)
             second = await gw.route_async("vllm", json.dumps({"prompt": [2]}).encode())
             return [first, second]
         finally:
-            gw.aio_lmcache.close()
+            gw.helpers.aio_lmcache.close()
 
     results = asyncio.run(two())
     assert [r.decision.reason for r in results] == [routing.CACHE] * 2
     assert len(set(controller.peers)) == 2
-    assert gw.lmcache_breaker.snapshot()["consecutive_failures"] == 0
+    assert gw.helpers.lmcache_breaker.snapshot()["consecutive_failures"] == 0
 
 
 def test_close_after_the_event_loop_ended(engine, controller) -> None:
@@ -223,8 +223,8 @@ def test_close_after_the_event_loop_ended(engine, controller) -> None:
         assert routed.decision.reason == routing.CACHE
         gw.close()
     finally:
-        gw.aio_tokenizer._idle.clear()
-        gw.aio_lmcache._idle.clear()
-        gw.background.shutdown()
+        gw.helpers.aio_tokenizer._idle.clear()
+        gw.helpers.aio_lmcache._idle.clear()
+        gw.cache.pool.shutdown()
         gw.routing_pool.shutdown(wait=False)
-        gw.pool.clear()
+        gw.helpers.pool.clear()

@@ -1,4 +1,4 @@
-"""Gateway.route and Gateway.manage_cache against in-process loopback stubs."""
+"""Gateway.route and cache management (gw.cache) against in-process loopback stubs."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 import threading
 import time
 
-from kvgate import routing
-from kvgate.load import LoadMetrics
-from kvgate.parsing import cache_key
+from kvgate.cache_management.process_load import LoadMetrics
+from kvgate.cache_management.strategy import ActionResult
+from kvgate.policies import base as routing
+from kvgate.request.parsing import cache_key
 from kvgate.sim.stub import CHUNK, tokenize_request, tokenize_text
-from kvgate.strategy import ActionResult
 
 from unit_support import calls, paths, wait_for
 
@@ -82,16 +82,16 @@ def test_tie_goes_to_fewer_in_flight_then_config_order(make_gateway, controller)
     controller.layout = {"vllm-3": 8, "vllm-1": 8}
     gw = make_gateway()
     assert gw.route("vllm", BODY).decision.endpoint.id == "vllm-1"
-    gw.clusters["vllm"].begin("vllm-1")
+    gw.fleet.clusters["vllm"].begin("vllm-1")
     assert gw.route("vllm", BODY).decision.endpoint.id == "vllm-3"
-    gw.clusters["vllm"].end("vllm-1")
+    gw.fleet.clusters["vllm"].end("vllm-1")
     assert gw.route("vllm", BODY).decision.endpoint.id == "vllm-1"
 
 
 def test_unhealthy_or_unknown_holders_are_skipped(make_gateway, controller) -> None:
     controller.layout = {"ghost": 500, "vllm-2": 8, "vllm-1": 2}
     gw = make_gateway()
-    gw.health.mark_down("vllm-2")
+    gw.fleet.health.mark_down("vllm-2")
     routed = gw.route("vllm", BODY)
     assert (routed.decision.reason, routed.decision.endpoint.id) == (routing.CACHE, "vllm-1")
 
@@ -185,8 +185,8 @@ def test_slow_tokenizer_falls_back_within_the_budget(make_gateway, engine, contr
 
 def test_open_breaker_falls_back_without_calls(make_gateway, controller) -> None:
     gw = make_gateway({"circuit_breaker": {"failure_threshold": 2, "recovery_timeout": "1m"}})
-    gw.lmcache_breaker.failure()
-    gw.lmcache_breaker.failure()
+    gw.helpers.lmcache_breaker.failure()
+    gw.helpers.lmcache_breaker.failure()
     routed = gw.route("vllm", BODY)
     assert routed.decision.reason == routing.FALLBACK
     assert paths(controller) == []
@@ -200,10 +200,10 @@ def test_pins_hot_content_after_threshold_sightings(make_gateway, engine, contro
                        "cache_strategy": {**PIN, "hot_content_threshold": 3}})
     for sighting in (1, 2):
         routed = gw.route("vllm", BODY)
-        assert gw.manage_cache(routed, threading.Event()) == []
+        assert gw.cache.manage(gw.job(routed), threading.Event()) == []
         assert calls(controller, "/pin") == [], sighting
     routed = gw.route("vllm", BODY)
-    assert gw.manage_cache(routed, threading.Event()) == [ActionResult("pin", "ok")]
+    assert gw.cache.manage(gw.job(routed), threading.Event()) == [ActionResult("pin", "ok")]
     assert calls(controller, "/pin") == [{"instance_id": "vllm-2", "location": "LocalCPUBackend",
                                           "tokens": tokenize_text(PROMPT)}]
     assert len(engine.raw_tokenize) == 1  # tokenized once, in the background, then cached
@@ -213,11 +213,11 @@ def test_pins_hot_content_after_threshold_sightings(make_gateway, engine, contro
 def test_background_submission_reaches_the_controller(make_gateway, controller) -> None:
     gw = make_gateway({"cache_strategy": {**PIN, "hot_content_threshold": 1}})
     routed = gw.route("vllm", _body(prompt=[9, 8, 7]))
-    assert gw.submit_background(routed, threading.Event())
+    assert gw.background(routed, threading.Event()) is not None
     assert wait_for(lambda: len(calls(controller, "/pin")) == 1)
     assert calls(controller, "/pin")[0]["instance_id"] == "vllm-2"
     assert calls(controller, "/pin")[0]["tokens"] == [9, 8, 7]
-    assert wait_for(lambda: gw.background.pending == 0)
+    assert wait_for(lambda: gw.cache.pool.pending == 0)
     assert gw.counters.get("actions.pin_ok") == 1
 
 
@@ -227,7 +227,7 @@ def test_cancelled_before_start_makes_no_calls(make_gateway, engine, controller)
     routed = gw.route("vllm", BODY)
     cancel = threading.Event()
     cancel.set()
-    assert gw.manage_cache(routed, cancel) == []
+    assert gw.cache.manage(gw.job(routed), cancel) == []
     assert gw.counters.get("background.cancelled") == 1
     assert paths(engine) == [] and paths(controller) == []
 
@@ -242,7 +242,7 @@ def test_cancel_during_lookup_stops_before_pinning(make_gateway, controller) -> 
     timer.start()
     start = time.monotonic()
     try:
-        assert gw.manage_cache(routed, cancel) == []
+        assert gw.cache.manage(gw.job(routed), cancel) == []
     finally:
         timer.cancel()
     assert time.monotonic() - start < 1.5
@@ -255,10 +255,10 @@ def test_missing_evict_is_counted_and_switched_off(make_gateway, controller) -> 
                        "cache_strategy": {**PIN, "hot_content_threshold": 1,
                                           "enable_eviction": True, "memory_threshold": 0.5,
                                           "evict_instance_id": "vllm-1"}})
-    gw.load.snapshot = lambda: LoadMetrics(cpu=0.0, memory=0.9)
+    gw.cache.process_load.snapshot = lambda: LoadMetrics(cpu=0.0, memory=0.9)
     for _ in range(3):
         routed = gw.route("vllm", BODY)
-        results = gw.manage_cache(routed, threading.Event())
+        results = gw.cache.manage(gw.job(routed), threading.Event())
         assert results == [ActionResult("pin", "ok"), ActionResult("evict", "unsupported")]
     assert len(calls(controller, "/evict")) == 1
     assert len(calls(controller, "/pin")) == 3
@@ -273,32 +273,32 @@ def test_background_full_drops_and_counts(make_gateway) -> None:
                        "cache_strategy": {**PIN, "hot_content_threshold": 5}})
     release = threading.Event()
     try:
-        assert gw.background.submit(lambda: release.wait(5))
+        assert gw.cache.pool.submit(lambda: release.wait(5))
         routed = gw.route("vllm", _body(prompt=[1, 2]))
-        assert gw.submit_background(routed, threading.Event()) is False
+        assert gw.background(routed, threading.Event()) is None
         assert gw.counters.get("background.dropped") == 1
     finally:
         release.set()
-    assert wait_for(lambda: gw.background.pending == 0)
+    assert wait_for(lambda: gw.cache.pool.pending == 0)
 
 
 def test_nothing_is_queued_for_unparsed_requests_or_after_close(make_gateway) -> None:
     gw = make_gateway()
     unparsed = gw.route("vllm", b"not json")
-    assert gw.submit_background(unparsed, threading.Event()) is False
+    assert gw.background(unparsed, threading.Event()) is None
     routed = gw.route("vllm", _body(prompt=[1]))
     gw.close()
-    assert gw.submit_background(routed, threading.Event()) is False
-    assert gw.background.submitted == 0
+    assert gw.background(routed, threading.Event()) is None
+    assert gw.cache.pool.submitted == 0
 
 
 def test_background_is_skipped_only_when_nothing_is_left_to_do(make_gateway, engine) -> None:
     gw = make_gateway({"route_on_miss": False})  # no cache action enabled
     known = gw.route("vllm", _body(prompt=[1, 2]))
-    assert gw.submit_background(known, threading.Event()) is False  # tokens known already
+    assert gw.background(known, threading.Event()) is None  # tokens known already
     unknown = gw.route("vllm", BODY)
     assert unknown.tokens is None
-    assert gw.submit_background(unknown, threading.Event()) is True  # fills the token cache
+    assert gw.background(unknown, threading.Event()) is not None  # fills the token cache
     assert wait_for(lambda: len(gw.token_cache) == 1)
     assert engine.raw_tokenize == [BODY]
-    assert gw.background.submitted == 1
+    assert gw.cache.pool.submitted == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvgate.hotness import MIN_SWEEP_INTERVAL, HotTracker, sweep_interval
+from kvgate.cache_management.hotness import MIN_SWEEP_INTERVAL, HotTracker, sweep_interval
 
 from unit_support import FakeClock
 

@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from kvgate.config import Endpoint
-from kvgate.lmcache import Placement, parse_layout
-from kvgate.routing import longest_prefix
+from kvgate.placement.layout import Placement, parse_layout
+from kvgate.policies.longest_prefix import longest_prefix
 
 EPS = tuple(Endpoint(f"vllm-{i}", "127.0.0.1", 8000 + i) for i in (1, 2, 3))
 

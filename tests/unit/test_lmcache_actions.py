@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from kvgate import strategy
-from kvgate.breaker import BreakerOpen, CircuitBreaker, State
-from kvgate.client import CallError, HelperClient, Unsupported, backoff_delay
+from kvgate.cache_management import strategy
+from kvgate.clients.breaker import BreakerOpen, CircuitBreaker, State
+from kvgate.clients.deadline import Cancelled, Deadline
+from kvgate.clients.http import CallError, HelperClient, Unsupported, backoff_delay
 from kvgate.config import CacheStrategyConfig, RetryConfig
-from kvgate.deadline import Cancelled, Deadline
 
 from unit_support import calls, make_transport, paths
 

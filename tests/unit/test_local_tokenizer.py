@@ -9,8 +9,8 @@ import pytest
 
 from kvgate.config import ConfigError, from_mapping
 from kvgate.gateway import Gateway
-from kvgate.local_tokenizer import LocalTokenizer
 from kvgate.sim.hf_tokenizer import make_tokenizer_dir
+from kvgate.tokens.local import LocalTokenizer
 
 from unit_support import calls, gateway_doc, paths
 
@@ -117,7 +117,7 @@ def test_background_work_tokenizes_locally_too(make_gateway, engine, controller,
     body = json.dumps({"model": "m", "messages": _chat("sys", "q")}).encode()
     routed = gw.route("vllm", body)
     assert routed.tokens is None  # the seed's rule: no routing on first sight
-    gw.manage_cache(routed, __import__("threading").Event())
+    gw.cache.manage(gw.job(routed), __import__("threading").Event())
     assert "/tokenize" not in paths(engine)
     assert gw.token_cache.peek(routed.key) == LocalTokenizer(tok_dir).encode_body(
         {"messages": _chat("sys", "q")})

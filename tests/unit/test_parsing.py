@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvgate.parsing import MAX_TOKEN_ID, NotParsed, cache_key, parse_body
+from kvgate.request.parsing import MAX_TOKEN_ID, NotParsed, cache_key, parse_body
 
 
 def _parse(payload: object, default_model: str = "dflt"):

@@ -9,8 +9,8 @@ import asyncio
 import json
 import time
 
-from kvgate import routing
-from kvgate.lmcache import Placement
+from kvgate.placement.layout import Placement
+from kvgate.policies import base as routing
 
 from unit_support import calls
 
@@ -80,9 +80,9 @@ def test_overlay_keeps_the_longer_known_hold() -> None:
     gw = Gateway(from_mapping(gateway_doc("http://127.0.0.1:1", "http://127.0.0.1:2",
                                              {"lookup_cache_ttl": "10s"})))
     try:
-        gw._overlay("k", [Placement("a", "LocalCPUBackend", 900), Placement("b", "X", 10)],
+        gw.lookups.overlay("k", [Placement("a", "LocalCPUBackend", 900), Placement("b", "X", 10)],
                     "a", 500)
-        recent = gw._recent("k")
+        recent = gw.lookups.recent("k")
         assert recent is not None and recent[1] is False  # fresh
         got = {p.instance_id: (p.location, p.tokens) for p in recent[0]}
         assert got == {"a": ("LocalCPUBackend", 900), "b": ("X", 10)}
@@ -92,8 +92,8 @@ def test_overlay_keeps_the_longer_known_hold() -> None:
 
 def _expire(gw, key: str, ago: float) -> None:
     """Make the stored answer for ``key`` have expired ``ago`` seconds back."""
-    expiry, placements = gw.recent_lookups[key]
-    gw.recent_lookups[key] = (time.monotonic() - ago, placements)
+    expiry, placements = gw.lookups.entries[key]
+    gw.lookups.entries[key] = (time.monotonic() - ago, placements)
 
 
 def _known(gw, ids: list[int]) -> bytes:
@@ -110,7 +110,7 @@ def _at_once(gw, body: bytes, n: int) -> list:
         try:
             return await asyncio.gather(*(gw.route_async("vllm", body) for _ in range(n)))
         finally:
-            gw.aio_lmcache.close_loop()
+            gw.helpers.aio_lmcache.close_loop()
 
     return asyncio.run(together())
 
@@ -130,8 +130,8 @@ def test_a_stale_answer_routes_at_once_and_is_renewed_in_the_background(
         t0 = time.monotonic()
         routed = await gw.route_async("vllm", _body(ids))
         took = time.monotonic() - t0
-        await asyncio.gather(*list(gw._asking.values()))  # the renewal, in the background
-        gw.aio_lmcache.close_loop()
+        await asyncio.gather(*list(gw.lookups.asking.values()))  # the renewal, in the background
+        gw.helpers.aio_lmcache.close_loop()
         return took, routed
 
     took, routed = asyncio.run(stale_then_renewed())
@@ -141,7 +141,7 @@ def test_a_stale_answer_routes_at_once_and_is_renewed_in_the_background(
     assert gw.counters.get("lookup.stale") == 1
     assert gw.counters.get("lookup.renewed") == 1
     assert len(calls(controller, "/lookup")) == 2
-    fresh = gw._recent(first.key)
+    fresh = gw.lookups.recent(first.key)
     assert fresh is not None and fresh[1] is False  # renewed: fresh for another TTL
     controller.delay = 0.0
     gw.route("vllm", _body(ids))
@@ -172,10 +172,10 @@ def test_a_failed_renewal_keeps_the_stale_answer_only_to_the_end_of_its_window(
     routed = gw.route("vllm", _body(ids))
     assert routed.decision.endpoint.id == "vllm-2"  # the stale answer still routed it
     assert gw.counters.get("lookup.renew_failed") == 1
-    recent = gw._recent(first.key)
+    recent = gw.lookups.recent(first.key)
     assert recent is not None and recent[1] is True  # still stale, not renewed
     _expire(gw, first.key, 1.5)
-    assert gw._recent(first.key) is None
+    assert gw.lookups.recent(first.key) is None
 
 
 def test_requests_for_a_prompt_being_looked_up_share_that_lookup(make_gateway,
@@ -210,7 +210,7 @@ def test_a_shared_lookup_that_outlasts_a_budget_fails_that_request_only(make_gat
     routed = gw.route("vllm", _known(gw, ids))
     assert routed.decision.reason == routing.FALLBACK
     assert "timed out" in routed.decision.detail
-    assert gw._asking == {}
+    assert gw.lookups.asking == {}
 
 
 def test_a_failed_shared_lookup_fails_every_request_that_joined_it(make_gateway,
@@ -223,4 +223,4 @@ def test_a_failed_shared_lookup_fails_every_request_that_joined_it(make_gateway,
     assert len(calls(controller, "/lookup")) == 1
     assert gw.counters.get("lookup.joined") == 2
     assert [r.decision.reason for r in routed] == [routing.FALLBACK] * 3
-    assert gw._asking == {}
+    assert gw.lookups.asking == {}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from kvgate import routing
 from kvgate.config import Endpoint
-from kvgate.health import parse_metrics
-from kvgate.lmcache import Placement
-from kvgate.prefix_index import PrefixIndex
+from kvgate.fleet.engine_metrics import parse_metrics
+from kvgate.placement.layout import Placement
+from kvgate.placement.prefix_index import PrefixIndex
+from kvgate.policies import predicted_ttft as routing
 
 EPS = [Endpoint(f"e{i}", "127.0.0.1", 8000 + i) for i in (1, 2, 3)]
 MODEL = routing.CostModel(prefill_ms=0.1, load_ms=0.01, queue_ms=50.0)

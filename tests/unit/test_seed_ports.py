@@ -9,16 +9,17 @@ import time
 
 import pytest
 
-from kvgate import routing, strategy
-from kvgate.breaker import BreakerOpen, CircuitBreaker, State
-from kvgate.client import CallError, HelperClient
+from kvgate.cache_management import strategy
+from kvgate.cache_management.process_load import LoadMetrics
+from kvgate.clients.breaker import BreakerOpen, CircuitBreaker, State
+from kvgate.clients.deadline import Cancelled, Deadline
+from kvgate.clients.http import CallError, HelperClient
+from kvgate.clients.tokenizer import Tokenizer
 from kvgate.config import CacheStrategyConfig
-from kvgate.deadline import Cancelled, Deadline
-from kvgate.lmcache import Placement
-from kvgate.load import LoadMetrics
-from kvgate.parsing import NotParsed, cache_key, parse_body
+from kvgate.placement.layout import Placement
+from kvgate.policies import base as routing
+from kvgate.request.parsing import NotParsed, cache_key, parse_body
 from kvgate.sim.stub import tokenize_request
-from kvgate.tokens import Tokenizer
 
 from unit_support import FakeClock, calls, make_transport, paths
 
@@ -289,7 +290,7 @@ def test_token_manager_status_error_does_not_populate_cache(make_gateway, engine
     assert len(gw.token_cache) == 0
     assert len(calls(engine, "/tokenize")) == 1  # the tokenizer is not retried
 
-    results = gw.manage_cache(routed, threading.Event())
+    results = gw.cache.manage(gw.job(routed), threading.Event())
     assert results == []
     assert len(gw.token_cache) == 0
     assert gw.counters.get("background.failed") == 1

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from kvgate import strategy
+from kvgate.cache_management import strategy
 from kvgate.config import CacheStrategyConfig
-from kvgate.health import EngineStats
+from kvgate.fleet.engine_metrics import EngineStats
 
 from unit_support import calls
 
@@ -41,10 +41,10 @@ def test_hot_content_is_pinned_on_the_instance_that_holds_it(make_gateway, contr
                                           "pin_location": "LocalCPUBackend",
                                           "enable_compression": True, "load_threshold": 0.5}})
     # the holder's /metrics say it is saturated: compress goes there too
-    gw.monitor.stats["vllm-3"] = EngineStats(running=4, waiting=3, kv_usage=0.9,
+    gw.fleet.monitor.stats["vllm-3"] = EngineStats(running=4, waiting=3, kv_usage=0.9,
                                              at=__import__("time").monotonic())
     routed = gw.route("vllm", BODY)
-    results = gw.manage_cache(routed, threading.Event())
+    results = gw.cache.manage(gw.job(routed), threading.Event())
     assert [r.action for r in results] == ["compress", "pin"]
     assert [c["instance_id"] for c in calls(controller, "/pin")] == ["vllm-3"]
     assert [c["instance_id"] for c in calls(controller, "/compress")] == ["vllm-3"]
@@ -56,13 +56,13 @@ def test_a_full_engine_offloads_its_coldest_content_not_the_served_one(make_gate
 
     controller.layout = {"vllm-3": 4}
     gw = make_gateway({"cache_strategy": {"enable_eviction": True, "memory_threshold": 0.8}})
-    gw.monitor.stats["vllm-3"] = EngineStats(running=1, waiting=0, kv_usage=0.95,
+    gw.fleet.monitor.stats["vllm-3"] = EngineStats(running=1, waiting=0, kv_usage=0.95,
                                              at=time.monotonic())
     bodies = [b'{"model": "m", "prompt": [%d, 2, 3, 4]}' % i for i in (1, 2, 3)]
     results = []
     for body in bodies:
         routed = gw.route("vllm", body)
-        results.append(gw.manage_cache(routed, threading.Event()))
+        results.append(gw.cache.manage(gw.job(routed), threading.Event()))
     assert results[0] == []  # nothing colder than the prompt being served
     assert [r.action for r in results[1]] == ["offload-move"]
     moves = calls(controller, "/move")
@@ -79,11 +79,11 @@ def test_a_refused_action_never_opens_the_lookup_breaker(make_gateway, controlle
                        "retry": {"max_attempts": 1},
                        "cache_strategy": {"enable_eviction": True, "memory_threshold": 0.8,
                                           "offload_action": "clear"}})
-    gw.monitor.stats["vllm-3"] = EngineStats(kv_usage=0.95, at=time.monotonic())
+    gw.fleet.monitor.stats["vllm-3"] = EngineStats(kv_usage=0.95, at=time.monotonic())
     controller.script["/clear"] = [500] * 10
     for i in (1, 2, 3):
         routed = gw.route("vllm", b'{"model": "m", "prompt": [%d, 9]}' % i)
         assert routed.decision.reason == "cache"
-        gw.manage_cache(routed, threading.Event())
-    assert gw.actions_breaker.snapshot()["state"] == "open"
-    assert gw.lmcache_breaker.snapshot()["state"] == "closed"
+        gw.cache.manage(gw.job(routed), threading.Event())
+    assert gw.helpers.actions_breaker.snapshot()["state"] == "open"
+    assert gw.helpers.lmcache_breaker.snapshot()["state"] == "closed"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvgate.tokens import TokenCache
+from kvgate.tokens.cache import TokenCache
 
 from unit_support import FakeClock
 

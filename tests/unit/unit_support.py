@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kvgate import client as kvclient
+from kvgate.clients import http as kvclient
 from kvgate.config import KVCacheConfig
 from kvgate.sim.stub import StubApp, StubController, StubEngine
 

@@ -24,7 +24,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..local_tokenizer import LocalTokenizer
+from ..tokens.local import LocalTokenizer
 from .cache import BLOCK, Admission, ChunkKey, KVCacheModel, chunk_keys
 from .stub import StubApp, _Handler, tokenize_request
 

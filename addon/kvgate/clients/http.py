@@ -16,8 +16,8 @@ import urllib3
 from urllib3.exceptions import HTTPError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
+from ..config import KVCacheConfig, RetryConfig
 from .breaker import BreakerOpen, CircuitBreaker
-from .config import KVCacheConfig, RetryConfig
 from .deadline import Cancelled, Deadline
 
 log = logging.getLogger("kvgate")

@@ -1,9 +1,9 @@
-"""Which endpoints may take traffic, and how loaded they are.
+"""What each engine is doing: ``GET /metrics`` (queue, batch, KV usage) and ``GET /health``.
 
-Passive: a connect failure ejects an endpoint for a cool-down. Active: ``EngineMonitor``
-asks every endpoint ``GET /health`` each ``health_check_interval`` (a failure ejects it
-until a check passes) and ``GET /metrics`` each ``metrics_interval`` (queue and KV usage,
-for the routing model and cache management).
+One background thread asks every endpoint ``GET /health`` each ``health_check_interval``
+(a failure ejects it in the health book until a check passes) and ``GET /metrics`` each
+``metrics_interval`` (for the fleet's load view and cache management). Never on the
+request path.
 """
 
 from __future__ import annotations
@@ -18,41 +18,10 @@ from dataclasses import dataclass
 
 import urllib3
 
-from .config import Endpoint
+from .endpoint import Endpoint
+from .health import HealthBook
 
 log = logging.getLogger("kvgate")
-
-EJECT_SECONDS = 5.0
-
-
-class HealthBook:
-    def __init__(self, eject_seconds: float = EJECT_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.eject_seconds = eject_seconds
-        self._clock = clock
-        self._down_until: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self.ejections = 0
-
-    def is_healthy(self, endpoint_id: str) -> bool:
-        until = self._down_until.get(endpoint_id)
-        return until is None or self._clock() >= until
-
-    def mark_down(self, endpoint_id: str, until_up: bool = False) -> None:
-        """Eject for the cool-down, or (active checks) until ``mark_up``."""
-        with self._lock:
-            was_up = self.is_healthy(endpoint_id)
-            span = float("inf") if until_up else self.eject_seconds
-            self._down_until[endpoint_id] = self._clock() + span
-            if was_up:
-                self.ejections += 1
-
-    def mark_up(self, endpoint_id: str) -> None:
-        with self._lock:
-            self._down_until.pop(endpoint_id, None)
-
-    def snapshot(self) -> dict[str, bool]:
-        return {ep: self.is_healthy(ep) for ep in self._down_until}
 
 
 @dataclass(frozen=True)
@@ -112,9 +81,20 @@ class EngineMonitor:
         self._workers.shutdown(wait=False, cancel_futures=True)
         self._pool.clear()
 
-    def fresh(self, endpoint_id: str, max_age: float) -> EngineStats | None:
+    @property
+    def max_age(self) -> float:
+        """Figures older than this say nothing about now: three missed polls, at least 1 s."""
+        return max(3 * self.metrics_interval, 1.0)
+
+    def batch_slots(self, endpoint_id: str, at_least: float) -> float:
+        """Sequences the engine runs at once before it queues: the most seen running
+        (vLLM's max_num_seqs is not in /metrics), but at least ``at_least``."""
+        return max(self.slots.get(endpoint_id, 0.0), at_least)
+
+    def fresh(self, endpoint_id: str, max_age: float | None = None) -> EngineStats | None:
         st = self.stats.get(endpoint_id)
-        return st if st is not None and time.monotonic() - st.at <= max_age else None
+        age = self.max_age if max_age is None else max_age
+        return st if st is not None and time.monotonic() - st.at <= age else None
 
     def _get(self, ep: Endpoint, path: str, timeout: float,
              fresh: bool = False) -> urllib3.BaseHTTPResponse | None:

@@ -7,22 +7,24 @@ Each gateway has its own registry, so a config reload never registers a name twi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from .gateway import Gateway
+from .stats import Sources
 
 _BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Exporter(Collector):
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    """Reads the parts it is given at scrape time; it holds no figures of its own but the
+    request-path latency histograms."""
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
         self.registry = CollectorRegistry(auto_describe=True)
         self.lookup_seconds = Histogram(
             "kvgate_lookup_seconds", "LMCache /lookup latency on the request path",
@@ -49,8 +51,8 @@ class Exporter(Collector):
         return []
 
     def collect(self) -> Iterator[Any]:
-        gw = self.gw
-        groups = gw.counters.grouped()
+        src = self.sources
+        groups = src.counters.grouped()
         c = CounterMetricFamily("kvgate_routing_decisions", "routing decisions by reason",
                                 labels=["reason"])
         for reason, n in groups.get("routes", {}).items():
@@ -70,25 +72,24 @@ class Exporter(Collector):
         yield c
         g = GaugeMetricFamily("kvgate_breaker_state", "0 closed, 1 half-open, 2 open",
                               labels=["breaker"])
-        for name, br in (("tokenizer", gw.tokenizer_breaker), ("lmcache", gw.lmcache_breaker),
-                         ("lmcache_actions", gw.actions_breaker)):
+        for name, br in src.breakers.items():
             g.add_metric([name], _BREAKER[br.state.value])
         yield g
-        bg = gw.background.snapshot()
+        bg = src.background.snapshot()
         yield GaugeMetricFamily("kvgate_background_queue_depth",
                                 "background tasks queued or running", value=bg["pending"])
         yield CounterMetricFamily("kvgate_background_dropped", "tasks dropped: pool full",
                                   value=bg["dropped"])
-        tc = gw.token_cache.snapshot()
+        tc = src.token_cache.snapshot()
         yield GaugeMetricFamily("kvgate_token_cache_hit_ratio", "token-cache hits / lookups",
                                 value=tc["hit_rate"])
         inflight = GaugeMetricFamily("kvgate_endpoint_inflight", "requests in flight",
                                      labels=["cluster", "endpoint"])
         healthy = GaugeMetricFamily("kvgate_endpoint_healthy", "1 in rotation, 0 ejected",
                                     labels=["cluster", "endpoint"])
-        for name, cluster in gw.clusters.items():
+        for name, cluster in src.clusters.items():
             for ep in cluster.endpoints:
                 inflight.add_metric([name, ep.id], cluster.inflight.get(ep.id, 0))
-                healthy.add_metric([name, ep.id], 1.0 if gw.health.is_healthy(ep.id) else 0.0)
+                healthy.add_metric([name, ep.id], 1.0 if src.health.is_healthy(ep.id) else 0.0)
         yield inflight
         yield healthy

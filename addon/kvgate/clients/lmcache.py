@@ -2,53 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from .client import HelperClient, Unsupported
+from ..placement.layout import Placement, lookup_body, parse_layout
+from .aio_http import AsyncHelper
 from .deadline import Deadline
+from .http import HelperClient, Unsupported
 
 log = logging.getLogger("kvgate")
-
-
-@dataclass(frozen=True)
-class Placement:
-    instance_id: str
-    location: str
-    tokens: int
-
-
-def parse_layout(answer: Any) -> list[Placement]:
-    """``layout_info`` in the real form ``{id: [location, tokens]}`` or the seed's
-    ``{id: {"0": location, "1": tokens}}``; malformed entries are skipped."""
-    if not isinstance(answer, dict):
-        return []
-    layout = answer.get("layout_info")
-    if not isinstance(layout, dict):
-        return []
-    out: list[Placement] = []
-    for instance_id, value in layout.items():
-        location: Any
-        count: Any
-        if isinstance(value, list | tuple) and len(value) >= 2:
-            location, count = value[0], value[1]
-        elif isinstance(value, dict):
-            location, count = value.get("0", value.get("location")), value.get("1", value.get(
-                "tokens", value.get("token_count")))
-        else:
-            continue
-        if isinstance(count, bool) or not isinstance(count, int | float) or count < 0:
-            continue
-        out.append(Placement(str(instance_id), str(location or ""), int(count)))
-    return out
-
-
-def lookup_body(tokens: Sequence[int]) -> bytes:
-    return json.dumps({"tokens": list(tokens)}, separators=(",", ":")).encode()
 
 
 class LMCacheClient:
@@ -106,3 +70,9 @@ class LMCacheClient:
 
     def clear(self, instance_id: str, location: str, deadline: Deadline) -> Any:
         return self._call("clear", {"instance_id": instance_id, "location": location}, deadline)
+
+
+async def lookup_async(helper: AsyncHelper, tokens: Sequence[int],
+                       timeout: float) -> list[Placement]:
+    """``POST /lookup`` on the event loop (the request path): one call, one budget."""
+    return parse_layout(await helper.post("/lookup", lookup_body(tokens), timeout))

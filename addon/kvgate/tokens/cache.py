@@ -1,4 +1,4 @@
-"""Token ids for prompts: the LRU+TTL token cache and the vLLM /tokenize client."""
+"""Token ids of prompts seen before: an LRU with a TTL, keyed by the prompt's hash."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cachetools import TTLCache
-
-from .client import CallError, HelperClient
-from .deadline import Deadline
 
 Tokens = tuple[int, ...]
 
@@ -66,22 +63,3 @@ class TokenCache:
             "misses": self.misses,
             "hit_rate": round(self.hits / total, 4) if total else 0.0,
         }
-
-
-def tokens_from(answer: Any) -> Tokens:
-    tokens = answer.get("tokens") if isinstance(answer, dict) else None
-    if not isinstance(tokens, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in tokens
-    ):
-        raise CallError("tokenize: answer has no token list", retryable=False)
-    return tuple(tokens)
-
-
-class Tokenizer:
-    """vLLM ``POST /tokenize``, forwarding the client's raw body as the seed does."""
-
-    def __init__(self, client: HelperClient) -> None:
-        self.client = client
-
-    def tokenize(self, raw_body: bytes, deadline: Deadline) -> Tokens:
-        return tokens_from(self.client.post("/tokenize", None, deadline, raw=raw_body))

@@ -12,6 +12,8 @@ import hashlib
 import threading
 from collections import OrderedDict
 
+from cachetools import TTLCache
+
 PIECE = 256
 MAX_BYTES = 64 * 1024  # hashed per request on the event loop: a prefix this long is
 # conversation identity enough, and an 8 MiB prompt must not cost milliseconds here
@@ -32,6 +34,18 @@ class PrefixIndex:
         self.capacity = capacity
         self._map: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
+        # prompt key -> endpoint last recorded: a repeat routed the same way skips the
+        # hashing; the pieces' recency is refreshed at least every 10 s
+        self._recorded: TTLCache[str, str] = TTLCache(10_000, 10.0)
+        self._recorded_lock = threading.Lock()
+
+    def note(self, key: str, text: str, endpoint_id: str) -> None:
+        """``record``, unless this prompt (by key) was just recorded for this endpoint."""
+        with self._recorded_lock:
+            if self._recorded.get(key) == endpoint_id:
+                return
+            self._recorded[key] = endpoint_id
+        self.record(text, endpoint_id)
 
     def record(self, text: str, endpoint_id: str) -> None:
         if self.capacity <= 0:

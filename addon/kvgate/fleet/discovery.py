@@ -16,11 +16,12 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .client import CallError, HelperClient
+from ..clients.deadline import Deadline
+from ..clients.http import CallError, HelperClient
+from ..config import DiscoveryConfig
+from ..observability.counters import Counters
 from .cluster import Cluster
-from .config import DiscoveryConfig, Endpoint
-from .deadline import Deadline
-from .metrics import Counters
+from .endpoint import Endpoint
 
 log = logging.getLogger("kvgate")
 

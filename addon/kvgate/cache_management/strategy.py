@@ -6,12 +6,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .breaker import BreakerOpen
-from .client import CallError, Unsupported
-from .config import CacheStrategyConfig
-from .deadline import Deadline
-from .lmcache import LMCacheClient
-from .load import LoadMetrics
+from ..clients.breaker import BreakerOpen
+from ..clients.deadline import Deadline
+from ..clients.http import CallError, Unsupported
+from ..clients.lmcache import LMCacheClient
+from ..config import CacheStrategyConfig
+from .process_load import LoadMetrics
 
 log = logging.getLogger("kvgate")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from .config import ClusterConfig, Endpoint
+from ..config import ClusterConfig
+from .endpoint import Endpoint
 
 
 class Cluster:

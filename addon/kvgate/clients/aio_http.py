@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .breaker import BreakerOpen, CircuitBreaker
-from .client import CallError, decode_answer, guarded
+from .http import CallError, decode_answer, guarded
 
 MAX_ANSWER = 16 * 1024 * 1024
 MAX_HEAD = 64 * 1024

@@ -1,0 +1,1 @@
+"""The engines around the request path: clusters, health, engine metrics, discovery."""

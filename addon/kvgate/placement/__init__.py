@@ -1,0 +1,1 @@
+"""Stage 3 of a request: where its prefix lives (LMCache's answer, reused; local memory)."""

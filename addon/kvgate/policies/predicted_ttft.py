@@ -1,0 +1,95 @@
+"""kvgate's rule (``policy: kvgate``): the endpoint with the lowest predicted time to first
+token, counting what it holds of the prompt and the queue a request would wait in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..fleet.endpoint import Endpoint
+from ..placement.layout import Placement
+from .base import (
+    BALANCER,
+    CACHE,
+    Decision,
+    Fleet,
+    OptionError,
+    Policy,
+    Prompt,
+    matched_by_instance,
+    no_cache_detail,
+)
+from .registry import register
+
+
+@dataclass
+class CostModel:
+    """Predicted time to first token on one endpoint, in milliseconds.
+
+    uncached prompt tokens are prefilled, cached ones loaded (LMCache's CPU tier, or
+    better), and every request ahead of ours costs about one queue slot.
+    """
+
+    prefill_ms: float = 0.07
+    load_ms: float = 0.007
+    queue_ms: float = 40.0
+    # documented at the top of ``kvcache:`` before policies had knobs of their own; still
+    # read from there unless ``policies: {kvgate: {...}}`` sets them
+    LEGACY: ClassVar[tuple[str, ...]] = ("prefill_ms", "load_ms", "queue_ms")
+
+    def check(self) -> None:
+        for name in ("prefill_ms", "load_ms", "queue_ms"):
+            if getattr(self, name) < 0:
+                raise OptionError(name, getattr(self, name), "must be >= 0")
+
+    def ttft(self, prompt_tokens: int, matched: int, ahead: float) -> float:
+        matched = min(matched, prompt_tokens)
+        return ((prompt_tokens - matched) * self.prefill_ms + matched * self.load_ms
+                + ahead * self.queue_ms)
+
+
+def cheapest(
+    prompt_tokens: int,
+    placements: Sequence[Placement],
+    endpoints: Sequence[Endpoint],
+    healthy: Callable[[str], bool],
+    ahead: Mapping[str, float],
+    model: CostModel,
+    inflight: Mapping[str, int] | None = None,
+) -> tuple[Endpoint, int, float] | None:
+    """The healthy endpoint with the lowest predicted TTFT; ties to the fewest ahead, then
+    the fewest in flight, then config order. None when no endpoint is healthy."""
+    matched = matched_by_instance(placements)
+    best: tuple[tuple[float, float, int, int], Endpoint, int, float] | None = None
+    for order, ep in enumerate(endpoints):
+        if not healthy(ep.id):
+            continue
+        m = matched.get(ep.id, 0)
+        cost = model.ttft(prompt_tokens, m, ahead.get(ep.id, 0.0))
+        rank = (round(cost, 6), ahead.get(ep.id, 0.0), (inflight or {}).get(ep.id, 0), order)
+        if best is None or rank < best[0]:
+            best = (rank, ep, m, cost)
+    return (best[1], best[2], best[3]) if best else None
+
+
+@register("kvgate", options=CostModel)
+class PredictedTTFT(Policy):
+    def __init__(self, options: CostModel) -> None:
+        self.model = options
+
+    def choose(self, prompt: Prompt, placements: Sequence[Placement], fleet: Fleet) -> Decision:
+        n_tokens = prompt.probe_tokens
+        ahead = fleet.ahead()
+        pick = cheapest(n_tokens, placements, fleet.endpoints, fleet.healthy, ahead,
+                        self.model, fleet.inflight)
+        if pick is None:  # nothing healthy: the rotation still tries someone
+            return Decision(fleet.round_robin(), BALANCER, 0, "none healthy")
+        ep, matched, cost = pick
+        if matched > 0:
+            return Decision(ep, CACHE, matched, f"predicted ttft {cost:.0f} ms")
+        # Nothing cached anywhere worth it: spread by rotation among the least loaded.
+        rr = fleet.round_robin()
+        if self.model.ttft(n_tokens, 0, ahead.get(rr.id, 0.0)) <= cost + 1e-6:
+            ep = rr
+        return Decision(ep, BALANCER, 0, no_cache_detail(placements))

@@ -1,0 +1,1 @@
+"""Stage 1 of a request: reading its body; and the record it carries through the stages."""
