@@ -288,3 +288,23 @@ def test_a_stale_answer_routes_without_waiting_and_is_renewed(stubs: Stubs, mitm
         time.sleep(0.1)
     assert 'kvgate_helper_calls_total{helper="lookup",result="stale"} 1.0' in text
     assert 'kvgate_helper_calls_total{helper="lookup",result="renewed"} 1.0' in text
+
+
+def test_the_policy_is_chosen_by_name_in_the_config(stubs: Stubs, mitm) -> None:
+    prompt = " ".join(f"p{i}" for i in range(600))
+    stubs.controller.holdings = {"vllm-3": [tokenize_text(prompt)]}
+    loadaware = mitm(stubs.kvgate_config(policy="loadaware",
+                                          policies={"loadaware": {"beta": 0.5}}),
+                     mode=reverse(stubs))
+    r = loadaware.post("/v1/completions", {"model": "m", "prompt": prompt})
+    assert (r.headers["x-kvcache-route"], r.headers["x-kvcache-endpoint"]) == ("cache", "vllm-3")
+    lookups = len(stubs.controller_calls("/lookup"))
+
+    # SGLang-style cache_aware matches text it has routed, never asking LMCache
+    cache_aware = mitm(stubs.kvgate_config(policy="cache_aware"), mode=reverse(stubs))
+    first = cache_aware.post("/v1/completions", {"model": "m", "prompt": prompt})
+    second = cache_aware.post("/v1/completions", {"model": "m", "prompt": prompt + " more"})
+    assert first.headers["x-kvcache-route"] == "balancer"
+    assert second.headers["x-kvcache-route"] == "cache"
+    assert second.headers["x-kvcache-endpoint"] == first.headers["x-kvcache-endpoint"]
+    assert len(stubs.controller_calls("/lookup")) == lookups

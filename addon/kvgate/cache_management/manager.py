@@ -97,12 +97,14 @@ class CacheManager:
             deadline = Deadline(self.kv.request_timeout, cancel)
         try:
             tokens = self._tokens(job, deadline)
+            cs = self.cs
+            if not (cs.enable_compression or cs.enable_pinning or cs.enable_eviction):
+                return []  # the tokens were all there was to learn
             placements = job.placements
             if placements is None:
                 placements = self.lmcache.lookup(tokens, deadline)
                 self.counters.inc("lookup.background_ok")
             deadline.check()
-            cs = self.cs
             hot = self.hot.is_hot(job.key, cs.hot_content_threshold)
             holder = holder_of(placements, job.served_by)
             if self.kv.signals == "process":  # the seed's signals: the gateway's own CPU/RAM

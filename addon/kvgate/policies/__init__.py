@@ -4,6 +4,6 @@
 registers every policy below.
 """
 
-from . import longest_prefix, predicted_ttft, round_robin  # noqa: F401
+from . import cache_aware, loadaware, longest_prefix, predicted_ttft, round_robin  # noqa: F401
 from .base import OptionError  # noqa: F401
 from .registry import create, names, spec  # noqa: F401
