@@ -1,18 +1,182 @@
-"""A prompt seen again within lookup_cache_ttl reuses its lookup answer, with the gateway's
+"""The lookup-answer cache (placement.lookup_cache.LookupCache).
+
+A prompt seen again within lookup_cache_ttl reuses its lookup answer, with the gateway's
 own routing of it overlaid; the first expiry stands, so staleness stays bounded. For
 lookup_stale_ttl more the stale answer routes while one lookup renews it in the background,
-and requests for a prompt whose lookup is in flight share that lookup."""
+and requests for a prompt whose lookup is in flight share that lookup.
+
+First the object alone, with a scripted lookup (no network); then through the gateway
+against the stub controller."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 
+import pytest
+
+from kvgate.clients.http import CallError
+from kvgate.observability.counters import Counters
 from kvgate.placement.layout import Placement
+from kvgate.placement.lookup_cache import LookupCache
 from kvgate.policies import base as routing
 
 from unit_support import calls
+
+
+class Scripted:
+    """A /lookup stand-in: records each call, answers after ``delay``, or fails."""
+
+    def __init__(self, answer: list[Placement], delay: float = 0.0) -> None:
+        self.answer = answer
+        self.delay = delay
+        self.fail = False
+        self.calls: list[list[int]] = []
+
+    async def __call__(self, probe: Sequence[int], timeout: float) -> list[Placement]:
+        self.calls.append(list(probe))
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise CallError("lmcache /lookup: status 500", status=500, retryable=True)
+        return list(self.answer)
+
+
+HELD = [Placement("e2", "LocalCPUBackend", 512)]
+
+
+def _cache(ask: Scripted, ttl: float = 10.0, stale: float = 1.0,
+           renewals: int = 8) -> tuple[LookupCache, Counters]:
+    counters = Counters()
+    return LookupCache(ask, ttl, stale, renewals, counters), counters
+
+
+def _age(cache: LookupCache, key: str, expired_ago: float) -> None:
+    _, placements = cache.entries[key]
+    cache.entries[key] = (time.monotonic() - expired_ago, placements)
+
+
+def test_an_answer_is_reused_within_the_ttl_without_asking() -> None:
+    ask = Scripted(HELD)
+    cache, _ = _cache(ask)
+
+    async def go() -> tuple:
+        first = await cache.find("k", [1, 2], True, 1.0, 1.0)
+        cache.overlay("k", first[0], "e2", 2)  # what the gateway does once it routed
+        return first, await cache.find("k", [1, 2], True, 1.0, 1.0)
+
+    first, second = asyncio.run(go())
+    assert first == (HELD, "routing_ok")
+    assert second == (HELD, "reused")
+    assert ask.calls == [[1, 2]]
+
+
+def test_an_earlier_turns_answer_is_never_reused_for_this_prompt() -> None:
+    ask = Scripted(HELD)
+    cache, _ = _cache(ask)
+    cache.overlay("k", HELD, "e2", 2)
+    placements, how = asyncio.run(cache.find("k", [1, 2], False, 1.0, 1.0))
+    assert how == "routing_ok" and len(ask.calls) == 1
+
+
+def test_a_stale_answer_routes_and_one_renewal_makes_it_fresh() -> None:
+    ask = Scripted([Placement("e3", "L", 700)], delay=0.05)
+    cache, counters = _cache(ask, stale=5.0)
+    cache.overlay("k", HELD, "e2", 2)
+    _age(cache, "k", 1.0)
+
+    async def go() -> tuple:
+        stale = await cache.find("k", [1], True, 1.0, 1.0)
+        again = await cache.find("k", [1], True, 1.0, 1.0)  # the renewal is under way
+        await asyncio.gather(*cache.in_flight(asyncio.get_running_loop()))
+        return stale, again
+
+    stale, again = asyncio.run(go())
+    assert stale[1] == again[1] == "stale"
+    assert [p.instance_id for p in stale[0]] == ["e2"]
+    assert len(ask.calls) == 1  # one renewal for both
+    assert counters.get("lookup.renewed") == 1
+    assert cache.recent("k") == ([Placement("e3", "L", 700)], False)
+
+
+def test_past_the_stale_window_the_answer_is_gone() -> None:
+    cache, _ = _cache(Scripted(HELD), stale=1.0)
+    cache.overlay("k", HELD, "e2", 2)
+    _age(cache, "k", 1.5)
+    assert cache.recent("k") is None
+    assert "k" not in cache.entries
+
+
+def test_renewals_in_flight_are_capped() -> None:
+    ask = Scripted(HELD, delay=0.05)
+    cache, counters = _cache(ask, renewals=1)
+
+    async def go() -> None:
+        cache.revalidate("a", [1], 1.0)
+        cache.revalidate("b", [2], 1.0)  # over the cap: it will expire instead
+        await asyncio.gather(*cache.in_flight(asyncio.get_running_loop()))
+
+    asyncio.run(go())
+    assert ask.calls == [[1]]
+    assert counters.get("lookup.renew_skipped") == 1
+
+
+def test_concurrent_askers_share_one_lookup_and_its_failure() -> None:
+    ask = Scripted(HELD, delay=0.05)
+    cache, counters = _cache(ask)
+
+    async def together() -> list:
+        return await asyncio.gather(*(cache.ask("k", [1], 1.0) for _ in range(3)),
+                                    return_exceptions=True)
+
+    assert asyncio.run(together()) == [HELD] * 3
+    assert len(ask.calls) == 1 and counters.get("lookup.joined") == 2
+    ask.fail = True
+    failed = asyncio.run(together())
+    assert all(isinstance(r, CallError) for r in failed)
+    assert len(ask.calls) == 2 and cache.asking == {}
+
+
+def test_a_joiner_out_of_budget_fails_alone() -> None:
+    ask = Scripted(HELD, delay=0.2)
+    cache, _ = _cache(ask)
+
+    async def go() -> tuple:
+        first = asyncio.ensure_future(cache.ask("k", [1], 1.0))
+        await asyncio.sleep(0)
+        with pytest.raises(CallError, match="timed out"):
+            await cache.ask("k", [1], 0.05)
+        return await first
+
+    assert asyncio.run(go()) == HELD
+    assert len(ask.calls) == 1
+
+
+def test_overlay_adds_the_endpoint_served_and_keeps_the_first_expiry() -> None:
+    cache, _ = _cache(Scripted([]))
+    cache.overlay("k", [Placement("e1", "L", 256)], "e2", 300)
+    expiry = cache.entries["k"][0]
+    got = {p.instance_id: p.tokens for p in cache.recent("k")[0]}
+    assert got == {"e1": 256, "e2": 300}
+    cache.overlay("k", [Placement("e1", "L", 256)], "e3", 300)
+    assert cache.entries["k"][0] == expiry  # reuse never extends staleness
+
+
+def test_ttl_zero_keeps_nothing_and_shares_nothing() -> None:
+    ask = Scripted(HELD, delay=0.02)
+    cache, counters = _cache(ask, ttl=0.0)
+    cache.overlay("k", HELD, "e2", 2)
+    assert cache.recent("k") is None and len(cache.entries) == 0
+
+    async def together() -> list:
+        return await asyncio.gather(*(cache.ask("k", [1], 1.0) for _ in range(2)))
+
+    asyncio.run(together())
+    assert len(ask.calls) == 2 and counters.get("lookup.joined") == 0
+
+
+# ------------------------------------------------------------ through the gateway
 
 
 def _body(ids: list[int]) -> bytes:
