@@ -103,8 +103,10 @@ class Gateway:
         """One request through the stages, on the event loop, within the routing budget."""
         loop = asyncio.get_running_loop()
         routed = await self._read(cluster_name, body)  # 1. read the body
-        if routed.decision is not None or not self.policies[cluster_name].needs_placements:
-            return routed if routed.decision is not None else self._choose(cluster_name, routed)
+        if routed.decision is not None:
+            return routed
+        if not self.policies[cluster_name].needs_placements:  # it reads the text alone
+            return self._choose(cluster_name, routed)
         assert routed.parsed is not None
         end = loop.time() + self.routing_budget
         if routed.probe is None and self.kv.route_on_miss:  # 2. find its tokens
