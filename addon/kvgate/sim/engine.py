@@ -83,6 +83,20 @@ class SimEngine(StubApp):
         self.hang = False
         self.rng = random.Random(0)
 
+    def reset(self) -> None:
+        """Empty cache, zero counters: a fresh engine for the next benchmark run, without
+        a new process. What was reported to the controller is sent before this returns
+        (the controller is reset after its engines)."""
+        with self.cache_lock:
+            self.cache = KVCacheModel(self.p.gpu_tokens, self.p.cpu_tokens, self.cache.hasher)
+        flush = getattr(self.reporter, "flush", None)
+        if flush is not None:
+            flush()
+        with self.lock:
+            self.queries = self.hits = self.ttft_n = 0
+            self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
+            self.ttft_sum = self.busy_ms = 0.0
+
     # ------------------------------------------------------------ faults
 
     def configure(self, cfg: dict[str, Any]) -> None:
@@ -129,6 +143,10 @@ class SimEngine(StubApp):
         if route == "/_sim/action":
             h._send(200, self.action(body if isinstance(body, dict) else {}), hdrs)
             return
+        if route == "/_sim/reset":
+            self.reset()
+            h._send(200, {"ok": True}, hdrs)
+            return
         if not isinstance(body, dict):
             h._send(400, {"object": "error", "message": "body must be a JSON object",
                           "type": "BadRequestError", "code": 400}, hdrs)
@@ -136,6 +154,13 @@ class SimEngine(StubApp):
         tokens = self.tokenize(body)
         if route == "/tokenize":
             h._send(200, {"count": len(tokens), "max_model_len": 32768, "tokens": tokens}, hdrs)
+            return
+        if route in ("/v1/completions/render", "/v1/chat/completions/render"):
+            # vLLM's render API (vllm-router asks every engine per request): the token
+            # ids the engine would generate from, as GenerateRequest(s)
+            rendered = {"request_id": f"render-{time.monotonic_ns()}", "token_ids": tokens}
+            h._send(200, [rendered] if route.startswith("/v1/completions") else rendered,
+                    hdrs)
             return
         if route not in ("/v1/completions", "/v1/chat/completions"):
             h._send(404, {"detail": "Not Found"}, hdrs)
@@ -182,13 +207,14 @@ class SimEngine(StubApp):
             self._record_ttft(ttft_ms / 1000)
             hdrs = {**hdrs, "x-sim-ttft-ms": f"{ttft_ms:.3f}",
                     "x-sim-cached-tokens": str(adm.cached)}
+            sim = {"engine": self.engine_id, "ttft_ms": round(ttft_ms, 3)}
             with self.lock:  # model time this request occupies the engine
                 self.busy_ms += prefill_ms + n_out * self.p.decode_ms
             usage = {"prompt_tokens": len(tokens), "completion_tokens": n_out,
                      "total_tokens": len(tokens) + n_out,
                      "prompt_tokens_details": {"cached_tokens": adm.cached}}
             if body.get("stream"):
-                self._stream(h, chat, n_out, usage, body, hdrs)
+                self._stream(h, chat, n_out, usage, body, hdrs, sim)
             else:
                 self._sleep(n_out * self.p.decode_ms)
                 text = " ".join(f"t{i}" for i in range(n_out))
@@ -208,7 +234,7 @@ class SimEngine(StubApp):
             self.slots.release()
 
     def _stream(self, h: _Handler, chat: bool, n_out: int, usage: dict, body: dict,
-                hdrs: dict[str, str]) -> None:
+                hdrs: dict[str, str], sim: dict[str, Any]) -> None:
         h.send_response(200)
         h.send_header("content-type", "text/event-stream; charset=utf-8")
         h.send_header("cache-control", "no-cache")
@@ -242,7 +268,9 @@ class SimEngine(StubApp):
                 self._sleep(self.p.decode_ms)
         opts = body.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage"):
-            event({**base, "choices": [], "usage": usage})
+            # "sim": which engine served it and its model TTFT, for benchmarks behind
+            # routers that do not pass the x-sim-* headers on (clients ignore the field)
+            event({**base, "choices": [], "usage": usage, "sim": sim})
         event("[DONE]")
         h.wfile.write(b"0\r\n\r\n")
         h.wfile.flush()

@@ -75,10 +75,14 @@ class TwinController(StubApp):
     def answer(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
         tokens = body.get("tokens") or []
         if path == "/_twin/register":
-            with self.lock:
+            with self.lock:  # an engine registers as it starts, holding nothing yet
                 self.engines[body["instance_id"]] = body["url"]
-                self.held.setdefault(body["instance_id"], set())
+                self.held[body["instance_id"]] = set()
                 self.registered_at[body["instance_id"]] = time.time()
+            return {"ok": True}
+        if path == "/_twin/reset":  # every engine was reset: nobody holds anything
+            with self.lock:
+                self.held = {iid: set() for iid in self.held}
             return {"ok": True}
         if path == "/_twin/ops":
             with self.lock:
