@@ -31,7 +31,7 @@ from .placement.layout import Placement
 from .placement.lookup_cache import LookupCache
 from .placement.prefix_index import PrefixIndex
 from .policies.base import BALANCER, FALLBACK, Decision, Prompt
-from .request.parsing import NotParsed, cache_key, parse_body
+from .request.parsing import NotParsed, parse_body
 from .request.routed import Routed
 from .tokens.cache import TokenCache
 from .tokens.finder import TokenFinder, load_tokenizers
@@ -54,7 +54,7 @@ class Gateway:
                          for n in self.fleet.clusters}
         self.routing_pool = ThreadPoolExecutor(kv.routing_workers, "kvgate-route")
         self.token_cache = TokenCache(kv.token_cache.enabled, kv.token_cache.capacity,
-                                      kv.token_cache.ttl)
+                                      kv.token_cache.ttl, kv.token_cache.token_budget)
         self.tokens = TokenFinder(self.token_cache, load_tokenizers(kv.tokenizers),
                                   self.helpers.aio_tokenizer, self.routing_pool, self.counters,
                                   timer=lambda: self.exporter.tokenize_seconds.time())
@@ -125,6 +125,9 @@ class Gateway:
         except HELPER_ERRORS as exc:
             self.counters.inc("lookup.routing_failed")
             return self._fallback(cluster_name, routed, f"lookup: {exc}")
+        except Exception as exc:  # nothing from a helper's answer escapes the routing step
+            self.counters.inc("lookup.routing_failed")
+            return self._fallback(cluster_name, routed, f"lookup: {type(exc).__name__}")
         self.counters.inc(f"lookup.{how}")
         routed.placements = placements
         return self._choose(cluster_name, routed, placements)  # 4. pick an endpoint
@@ -135,21 +138,23 @@ class Gateway:
         loop = asyncio.get_running_loop()  # a big JSON parse would stall every other flow
         try:
             return await asyncio.wait_for(
-                loop.run_in_executor(self.routing_pool, self.prepare, cluster_name, body),
+                loop.run_in_executor(self.routing_pool, self.prepare, cluster_name, body, True),
                 self.routing_budget)
         except TimeoutError:
             return Routed(self.balancer(cluster_name, FALLBACK, "parse budget"))
 
-    def prepare(self, cluster_name: str, body: bytes) -> Routed:
+    def prepare(self, cluster_name: str, body: bytes, off_loop: bool = False) -> Routed:
         """Parse, count and find tokens we already have. Decided here only when unparsed."""
-        self.cache.process_load.record_request()
+        if self.kv.signals == "process":  # the seed's signals read the request rate
+            self.cache.process_load.record_request()
         try:
-            parsed = parse_body(body, self.kv.default_model)
+            parsed = parse_body(body, self.kv.default_model, off_loop)
         except NotParsed as exc:
             self.counters.inc("requests.not_parsed")
             return Routed(self.balancer(cluster_name, BALANCER, str(exc)))
-        key = cache_key(parsed.model, parsed.key_text)
-        self.cache.hot.record(key)
+        key = parsed.key
+        if self.cache.tracks_hotness:
+            self.cache.hot.record(key)
         tokens, prefix = self.tokens.known(parsed, key, self.kv.route_on_miss)
         # the body is kept only while it may still be needed for /tokenize
         return Routed(None, parsed=parsed, key=key, body=body if tokens is None else b"",

@@ -24,7 +24,7 @@ from ..fleet.engine_metrics import EngineMonitor
 from ..observability.counters import Counters
 from ..placement.layout import Placement
 from ..request.parsing import ParsedRequest
-from ..tokens.cache import TokenCache, Tokens
+from ..tokens.cache import PackedTokens, TokenCache, Tokens
 from . import strategy
 from .hotness import HotTracker
 from .pool import BoundedPool
@@ -33,6 +33,10 @@ from .process_load import LoadMetrics, LoadMonitor
 log = logging.getLogger("kvgate")
 
 CONTENT_BOOK_SIZE = 10_000  # prompts remembered per gateway for offload decisions
+CONTENT_BOOK_TOKENS = 4_000_000  # and their tokens in all (4 bytes each: 16 MiB)
+# a body larger than this is not tokenized in the background: its answer alone (~2 million
+# ids as Python ints) would cost ~100 MB while it is read, and routing targets 128k tokens
+MAX_BACKGROUND_BODY = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,15 @@ class CacheManager:
         self.monitor = monitor
         self.counters = counters
         self.hot = HotTracker(kv.hot_window, kv.hot_max_records, kv.hot_keys_cap)
+        # hotness is read only to pin and to spare hot content from offloading: with
+        # neither (the defaults) nothing is recorded, and 100 000 keys cost nothing
+        self.tracks_hotness = (self.cs.hot_content_threshold > 0
+                               and (self.cs.enable_pinning or self.cs.enable_eviction))
         self.process_load = LoadMonitor()  # the seed's signals: the gateway's own CPU/RAM
         self.pool = BoundedPool("kvgate-bg", kv.background_workers, kv.background_queue)
         # key -> (engine that holds it, its tokens), least recently seen first
         self.content: OrderedDict[str, tuple[str, Tokens]] = OrderedDict()
+        self._content_tokens = 0
         self._content_lock = threading.Lock()
         self._closed = threading.Event()
 
@@ -78,14 +87,16 @@ class CacheManager:
         if cs.enable_compression or cs.enable_pinning or cs.enable_eviction:
             return True
         # no action can follow: only tokens to learn, if they are unknown and can be kept
-        return job.tokens is None and self.token_cache.enabled
+        return (job.tokens is None and self.token_cache.enabled
+                and len(job.body) <= MAX_BACKGROUND_BODY)
 
     def submit(self, job: Job, cancel: threading.Event) -> bool:
         """Queue the job; never blocks, drops (and counts) when the pool is full."""
         if not self.wanted(job):
             return False
         deadline = Deadline(self.kv.request_timeout, cancel)  # from now: queueing counts
-        ok = self.pool.submit(lambda: self.manage(job, cancel, deadline))
+        ok = self.pool.submit(lambda: self.manage(job, cancel, deadline),
+                              len(job.body) + len(job.parsed.prompt))
         if not ok:
             self.counters.inc("background.dropped")
         return ok
@@ -156,11 +167,19 @@ class CacheManager:
         cs = self.cs
         if holder is None:
             return []
+        try:
+            packed: Tokens = PackedTokens.pack(tokens)
+        except (OverflowError, TypeError):
+            packed = tokens
         with self._content_lock:
-            self.content[key] = (holder, tokens)
-            self.content.move_to_end(key)
-            while len(self.content) > CONTENT_BOOK_SIZE:
-                self.content.popitem(last=False)
+            old = self.content.pop(key, None)
+            if old is not None:
+                self._content_tokens -= len(old[1])
+            self.content[key] = (holder, packed)
+            self._content_tokens += len(packed)
+            while self.content and (len(self.content) > CONTENT_BOOK_SIZE
+                                    or self._content_tokens > CONTENT_BOOK_TOKENS):
+                self._content_tokens -= len(self.content.popitem(last=False)[1][1])
         if not cs.enable_eviction or cs.memory_threshold <= 0:
             return []
         stats = self.monitor.fresh(holder)
@@ -175,6 +194,7 @@ class CacheManager:
                     break
             if victim is not None:
                 del self.content[victim[0]]
+                self._content_tokens -= len(victim[1])
         if victim is None:
             return []
         return [strategy.offload(cs.offload_action, holder, victim[1], cs, self.actions,

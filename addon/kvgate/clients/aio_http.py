@@ -4,14 +4,17 @@ The routing lookup is the one helper call a request waits for. Running it on a t
 cost about 1 ms per request here (hand-offs plus a blocking client competing with the
 event loop for the GIL); on the loop it costs a socket write and a read.
 
-Framing is done here, on an ``asyncio.Protocol``, rather than with h11 over streams: a
-profile of the overhead benchmark put h11 and the stream machinery at ~160 us of the
-addon's ~500 us per request, and this at ~60. It is deliberately small: one request in
-flight per connection, answers framed by Content-Length, chunked encoding, or the end of
-the connection; 1xx answers skipped; anything else is a protocol error. One call, one
-budget: no retries (the budget is shorter than any backoff) except one fresh connection
-when a kept-alive one turns out closed, the same breaker and answer rules as the threaded
-client.
+Answers are framed by ``httptools`` (llhttp, the C parser uvicorn uses) on an
+``asyncio.Protocol``. It replaced hand framing that trusted its peer too much (chunk
+sizes such as ``0x7``, chunk data without CRLF, bare-LF heads); counted in instructions
+it is no dearer (docs/hardening.md). On top of llhttp this client is strict about what
+llhttp tolerates: a ``Transfer-Encoding`` other than exactly ``chunked`` is refused
+(``gzip, chunked`` would leave gzip undecoded), and bytes that arrive when no call is
+waiting (a peer speaking out of turn) close the connection, so they can never be taken as
+the next call's answer. One request in flight per connection; 1xx answers skipped. One
+call, one budget: no retries (the budget is shorter than any backoff) except one fresh
+connection when a kept-alive one turns out closed, the same breaker and answer rules as
+the threaded client.
 """
 
 from __future__ import annotations
@@ -20,14 +23,18 @@ import asyncio
 import contextlib
 import ssl
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+import httptools
 
 from .breaker import BreakerOpen, CircuitBreaker
 from .http import CallError, decode_answer, guarded
 
 MAX_ANSWER = 16 * 1024 * 1024
 MAX_HEAD = 64 * 1024
+T = TypeVar("T")
 
 
 class ProtocolError(Exception):
@@ -44,18 +51,19 @@ class _Conn(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
-        self.buf = bytearray()
         self.closed = False
         self.keep_alive = True
         self.got_bytes = False
+        self.parser = httptools.HttpResponseParser(self)
         self._reset()
 
     def _reset(self) -> None:
-        self.status = 0
-        self.length: int | None = None  # Content-Length; None: chunked or until close
-        self.chunked = False
+        self.head_bytes = 0  # bytes seen before the head ended
         self.head_done = False
-        self.body = bytearray()
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.framed = False  # Content-Length or chunked: not ended by the close
+        self.in_message = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -63,127 +71,78 @@ class _Conn(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.waiter is None:  # nobody asked: never let it answer the next call
+            self._fail(ProtocolError("bytes from the helper while no call was waiting"))
+            return
         self.got_bytes = True
-        self.buf += data
+        if not self.head_done:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD + MAX_ANSWER:
+                self._fail(ProtocolError("answer too large"))
+                return
         try:
-            self._parse()
-        except ProtocolError as exc:
-            self._fail(exc)
+            self.parser.feed_data(data)
+        except Exception as exc:  # llhttp's errors, ours raised from the callbacks
+            self._fail(exc if isinstance(exc, ProtocolError) else ProtocolError(
+                f"{type(exc).__name__}: {exc}"))
+            return
+        if not self.head_done and self.head_bytes > MAX_HEAD:
+            self._fail(ProtocolError("answer head too large"))
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.head_done and self.length is None and not self.chunked and exc is None:
-            self._done()  # framed by a clean end of the connection
+        if self.head_done and not self.framed and exc is None and self.waiter is not None:
+            self._complete()  # framed by a clean end of the connection
             return
         if self.got_bytes:
             self._fail(ConnectionError("closed before the answer ended"))
         else:
             self._fail(_StaleConnection("closed before any answer"))
 
-    # -- framing
-    def _parse(self) -> None:
-        while True:
-            if not self.head_done:
-                end = self.buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self.buf) > MAX_HEAD:
-                        raise ProtocolError("answer head too large")
-                    return
-                self._read_head(bytes(self.buf[:end]))
-                del self.buf[:end + 4]
-                if 100 <= self.status < 200:  # 100 Continue and friends: not the answer
-                    self._reset()
-                    continue
-            if self.chunked:
-                if not self._read_chunks():
-                    return
-            elif self.length is not None:
-                if len(self.buf) < self.length:
-                    return
-                self.body += self.buf[:self.length]
-                del self.buf[:self.length]
-            else:  # until the connection closes
-                self.body += self.buf
-                self.buf.clear()
-                if len(self.body) > MAX_ANSWER:
-                    raise ProtocolError("answer too large")
-                return
-            self._done()
-            return
+    # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.waiter is None:  # a second answer to one request: out of turn
+            raise ProtocolError("more answers than requests")
+        self.in_message = True
 
-    def _read_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise ProtocolError("not an HTTP/1.x answer")
-        self.status = int(parts[1])
-        http10 = parts[0] == b"HTTP/1.0"
-        conn_hdr = b""
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                raise ProtocolError("bad header line")
-            name = name.strip().lower()
-            value = value.strip()
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > MAX_ANSWER:
-                    raise ProtocolError("bad content-length")
-                self.length = int(value)
-            elif name == b"transfer-encoding":
-                self.chunked = value.lower().endswith(b"chunked")
-            elif name == b"connection":
-                conn_hdr = value.lower()
-        if self.chunked:
-            self.length = None
-        if b"close" in conn_hdr or (http10 and b"keep-alive" not in conn_hdr):
-            self.keep_alive = False
-        if 100 <= self.status < 200 or self.status in (204, 304):
-            self.length = 0  # no body, whatever the headers say
-            self.chunked = False
-        elif self.length is None and not self.chunked:
-            self.keep_alive = False  # framed by the end of the connection
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 17 and name.lower() == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                raise ProtocolError("transfer-encoding other than chunked")
+            self.framed = True
+        elif len(name) == 14 and name.lower() == b"content-length":
+            if not value.isdigit() or int(value) > MAX_ANSWER:
+                raise ProtocolError("bad content-length")
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
         self.head_done = True
+        status = self.parser.get_status_code()
+        if status < 200 or status in (204, 304):
+            self.framed = True  # no body, whatever the headers say
+        if not self.parser.should_keep_alive():
+            self.keep_alive = False
 
-    def _read_chunks(self) -> bool:
-        """True when the last chunk (and the trailer) arrived."""
-        while True:
-            eol = self.buf.find(b"\r\n")
-            if eol < 0:
-                if len(self.buf) > MAX_HEAD:
-                    raise ProtocolError("chunk size line too long")
-                return False
-            size_text = bytes(self.buf[:eol]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise ProtocolError("bad chunk size") from None
-            if size < 0 or len(self.body) + size > MAX_ANSWER:
-                raise ProtocolError("answer too large")
-            if size == 0:
-                if self.buf.startswith(b"\r\n", eol + 2):  # no trailer
-                    del self.buf[:eol + 4]
-                    return True
-                end = self.buf.find(b"\r\n\r\n", eol)
-                if end < 0:
-                    if len(self.buf) > MAX_HEAD:
-                        raise ProtocolError("trailer too large")
-                    return False
-                del self.buf[:end + 4]
-                return True
-            if len(self.buf) < eol + 2 + size + 2:
-                return False
-            self.body += self.buf[eol + 2:eol + 2 + size]
-            del self.buf[:eol + 2 + size + 2]
-            if len(self.body) > MAX_ANSWER:
-                raise ProtocolError("answer too large")
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > MAX_ANSWER:
+            raise ProtocolError("answer too large")
+        self.body.append(body)
 
-    def _done(self) -> None:
-        w, self.waiter = self.waiter, None
-        status, body = self.status, bytes(self.body)
+    def on_message_complete(self) -> None:
+        if 100 <= self.parser.get_status_code() < 200:  # 100 Continue: not the answer
+            self._reset()
+            return
+        self._complete()
+
+    def _complete(self) -> None:
+        status = self.parser.get_status_code()
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self._reset()
+        w, self.waiter = self.waiter, None
         if w is not None and not w.done():
             w.set_result((status, body))
 
@@ -197,7 +156,7 @@ class _Conn(asyncio.Protocol):
 
     def reusable(self) -> bool:
         return (self.keep_alive and not self.closed and self.waiter is None
-                and not self.buf and not self.head_done)
+                and not self.in_message)
 
     def close(self) -> None:
         self.keep_alive = False
@@ -262,7 +221,11 @@ class AsyncHelper:
         else:
             conn.close()
 
-    async def post(self, path: str, body: bytes, timeout: float) -> Any:
+    async def post(self, path: str, body: bytes, timeout: float,
+                   read: Callable[[Any], T] | None = None) -> Any:
+        """POST ``body``; the JSON answer, or ``read(answer)``. A ``read`` that raises
+        ValueError or TypeError makes it a failed call, counted by the breaker: an answer
+        routing cannot use is a failing helper, and nothing from it escapes."""
         if timeout <= 0:
             raise TimeoutError
         if not self.breaker.allow():
@@ -276,6 +239,12 @@ class AsyncHelper:
                     status, data, conn = await self._exchange(path, body, fresh=True)
             self._release(conn)
             result = decode_answer(self.name, path, status, data)
+            if read is not None:
+                try:
+                    result = read(result)
+                except (ValueError, TypeError, ArithmeticError) as exc:
+                    raise CallError(f"{self.name} {path}: unusable answer "
+                                    f"({type(exc).__name__})", retryable=True) from None
         except TimeoutError:
             err = CallError(f"{self.name} {path}: timed out", retryable=True)
             guarded(self.breaker, err)

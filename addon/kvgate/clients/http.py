@@ -8,10 +8,10 @@ exponential backoff.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
+import orjson
 import urllib3
 from urllib3.exceptions import HTTPError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
@@ -59,6 +59,13 @@ def make_pool(cfg: KVCacheConfig) -> urllib3.PoolManager:
     )
 
 
+def _plain(obj: Any) -> Any:
+    """What orjson cannot write itself: token arrays (``array('I')``) become lists."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(type(obj).__name__)
+
+
 def decode_answer(name: str, path: str, status: int, data: bytes) -> Any:
     """JSON of a 2xx answer; otherwise the CallError that says whether to retry."""
     if status in (404, 405):
@@ -70,8 +77,8 @@ def decode_answer(name: str, path: str, status: int, data: bytes) -> Any:
             status=status,
             retryable=status >= 500,
         )
-    try:
-        return json.loads(data)
+    try:  # strict JSON: NaN, Infinity and 1e400 are not numbers a helper may send
+        return orjson.loads(data)
     except ValueError:
         raise CallError(f"{name} {path}: answer is not JSON", retryable=True) from None
 
@@ -134,7 +141,7 @@ class HelperClient:
 
     def post(self, path: str, payload: Any, deadline: Deadline, *, raw: bytes | None = None) -> Any:
         """POST JSON; retries (when configured) until success, a 4xx, or the deadline."""
-        body = raw if raw is not None else json.dumps(payload, separators=(",", ":")).encode()
+        body = raw if raw is not None else orjson.dumps(payload, default=_plain)
         attempts = self.retry.max_attempts if self.retry else 1
         attempt = 0
         while True:

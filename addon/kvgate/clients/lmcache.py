@@ -7,7 +7,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ..placement.layout import Placement, lookup_body, parse_layout
+from ..placement.layout import Placement, lookup_body, lookup_layout, parse_layout
 from .aio_http import AsyncHelper
 from .deadline import Deadline
 from .http import HelperClient, Unsupported
@@ -75,4 +75,4 @@ class LMCacheClient:
 async def lookup_async(helper: AsyncHelper, tokens: Sequence[int],
                        timeout: float) -> list[Placement]:
     """``POST /lookup`` on the event loop (the request path): one call, one budget."""
-    return parse_layout(await helper.post("/lookup", lookup_body(tokens), timeout))
+    return await helper.post("/lookup", lookup_body(tokens), timeout, lookup_layout)

@@ -7,6 +7,7 @@ from .schema import (
     DEFAULT_HOT_KEYS_CAP,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_TOKEN_CACHE_CAP,
+    DEFAULT_TOKEN_CACHE_TOKENS,
     FILTER_NAME,
     CacheStrategyConfig,
     CircuitBreakerConfig,
@@ -15,6 +16,7 @@ from .schema import (
     DiscoveryConfig,
     GatewayConfig,
     KVCacheConfig,
+    OutlierConfig,
     RetryConfig,
     Route,
     TokenCacheConfig,
@@ -22,9 +24,11 @@ from .schema import (
 from .shapes import build_clusters, build_routes, from_mapping, load
 
 __all__ = [
-    "DEFAULT_HOT_KEYS_CAP", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_TOKEN_CACHE_CAP", "FILTER_NAME",
+    "DEFAULT_HOT_KEYS_CAP", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_TOKEN_CACHE_CAP",
+    "DEFAULT_TOKEN_CACHE_TOKENS", "FILTER_NAME",
     "CacheStrategyConfig", "CircuitBreakerConfig", "ClusterConfig", "ConfigError",
-    "DiscoveryConfig", "Endpoint", "GatewayConfig", "KVCacheConfig", "RetryConfig", "Route",
+    "DiscoveryConfig", "Endpoint", "GatewayConfig", "KVCacheConfig", "OutlierConfig",
+    "RetryConfig", "Route",
     "TokenCacheConfig", "apply_defaults", "build_clusters", "build_kvcache", "build_routes",
     "from_mapping", "load", "validate",
 ]

@@ -78,6 +78,9 @@ _DURATIONS = {
     "interval",
     "lookup_cache_ttl",
     "lookup_stale_ttl",
+    "base_ejection_time",
+    "max_ejection_time",
+    "response_headers_timeout",
 }
 
 

@@ -24,11 +24,16 @@ def validate(cfg: KVCacheConfig) -> None:
         ("retry.base_backoff", cfg.retry.base_backoff),
         ("retry.max_backoff", cfg.retry.max_backoff),
         ("circuit_breaker.recovery_timeout", cfg.circuit_breaker.recovery_timeout),
+        ("response_headers_timeout", cfg.response_headers_timeout),
+        ("outlier_detection.base_ejection_time", cfg.outlier_detection.base_ejection_time),
+        ("outlier_detection.max_ejection_time", cfg.outlier_detection.max_ejection_time),
     ):
         if value < 0:
             raise ConfigError(path, value, "must be >= 0")
     for path, value in (
         ("token_cache.max_size", cfg.token_cache.max_size),
+        ("token_cache.max_tokens", cfg.token_cache.max_tokens),
+        ("outlier_detection.consecutive_failures", cfg.outlier_detection.consecutive_failures),
         ("cache_strategy.hot_content_threshold", s.hot_content_threshold),
         ("retry.max_attempts", cfg.retry.max_attempts),
         ("hot_max_records", cfg.hot_max_records),
@@ -82,6 +87,13 @@ def validate(cfg: KVCacheConfig) -> None:
         raise ConfigError("discovery.engine_port", d.engine_port, "must be a port 1..65535")
     if d.engine_scheme not in ("http", "https"):
         raise ConfigError("discovery.engine_scheme", d.engine_scheme, "must be http or https")
+    od = cfg.outlier_detection
+    if od.max_ejection_time < od.base_ejection_time:
+        raise ConfigError("outlier_detection.max_ejection_time", od.max_ejection_time,
+                          "must be >= outlier_detection.base_ejection_time")
+    if cfg.token_cache.max_tokens > 1_000_000_000:
+        raise ConfigError("token_cache.max_tokens", cfg.token_cache.max_tokens,
+                          "must be at most 1000000000 (4 GB of token ids)")
     if not 0 <= cfg.background_queue <= 1_000_000:
         raise ConfigError("background_queue", cfg.background_queue, "must be 0..1000000")
     if not cfg.enabled:

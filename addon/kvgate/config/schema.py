@@ -16,6 +16,8 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 # The seed lets 0 mean "unbounded"; kvgate keeps every per-request structure bounded.
 DEFAULT_TOKEN_CACHE_CAP = 10_000
 DEFAULT_HOT_KEYS_CAP = 100_000
+# 16 MiB of token ids (4 bytes each): ~9,000 prompts of 450 tokens, or 30 of 128k
+DEFAULT_TOKEN_CACHE_TOKENS = 4_000_000
 
 
 class ConfigError(ValueError):
@@ -36,10 +38,17 @@ class TokenCacheConfig:
     enabled: bool = False
     max_size: int = 0
     ttl: float = 0.0
+    # the sum of cached prompts' tokens (4 bytes each); a prompt above it is not cached;
+    # 0 = DEFAULT_TOKEN_CACHE_TOKENS
+    max_tokens: int = 0
 
     @property
     def capacity(self) -> int:
         return self.max_size if self.max_size > 0 else DEFAULT_TOKEN_CACHE_CAP
+
+    @property
+    def token_budget(self) -> int:
+        return self.max_tokens if self.max_tokens > 0 else DEFAULT_TOKEN_CACHE_TOKENS
 
 
 @dataclass
@@ -86,6 +95,18 @@ class DiscoveryConfig:
     engine_port: int = 0
     engine_scheme: str = "http"
     cluster: str = ""  # the cluster discovered engines join; empty: the first one
+
+
+@dataclass
+class OutlierConfig:
+    """Passive ejection on answers, as Envoy's outlier detection: an engine whose answers
+    fail this many times in a row (5xx, a reset, no response headers in time) is taken out
+    of rotation for base_ejection_time x the times it was ejected, at most
+    max_ejection_time; active health checks do not bring it back early."""
+
+    consecutive_failures: int = 5  # 0 = off (connect failures still eject)
+    base_ejection_time: float = 10.0
+    max_ejection_time: float = 300.0
 
 
 @dataclass
@@ -141,6 +162,15 @@ class KVCacheConfig:
     # tokenizer_config.json): first-sight prompts are tokenized in-process, no /tokenize
     tokenizers: dict[str, str] = field(default_factory=dict)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    outlier_detection: OutlierConfig = field(default_factory=OutlierConfig)
+    # an engine that has not sent response headers this long after the request went out
+    # gets the client a 504 from the gateway and counts as a failure; 0 = wait forever.
+    # Long: a non-streamed completion sends its headers only when it is done
+    response_headers_timeout: float = 300.0
+    # a request whose engine refused the connection (so it never got there) goes to
+    # another healthy engine: checked with a connect before mitmproxy's own (see
+    # docs/hardening.md); false = the client gets mitmproxy's 502
+    retry_refused_connects: bool = True
     # policy name -> its knobs (``policies: {loadaware: {beta: 1.0}}``), filled for every
     # registered policy that has any by rules.policy_options
     policies: dict[str, Any] = field(default_factory=dict)

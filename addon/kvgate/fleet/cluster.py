@@ -58,9 +58,3 @@ class Cluster:
             if kept:  # a cluster never ends up empty
                 self.endpoints = kept
                 self.by_id = {e.id: e for e in kept}
-
-    def find(self, host: str, port: int) -> Endpoint | None:
-        for ep in self.endpoints:
-            if ep.port == port and ep.host.lower() == host.lower():
-                return ep
-        return None

@@ -110,13 +110,11 @@ class EngineMonitor:
     def check_health(self, ep: Endpoint) -> None:
         resp = self._get(ep, "/health", max(0.2, min(self.health_interval, 1.0)), fresh=True)
         if resp is not None and resp.status == 200:
-            if not self.book.is_healthy(ep.id):
+            if self.book.checks_down(ep.id):
                 log.warning("[kvcache] endpoint %s is healthy again", ep.id)
             self.book.mark_up(ep.id)
-        else:
-            if self.book.is_healthy(ep.id):
-                log.warning("[kvcache] endpoint %s failed its health check: ejected", ep.id)
-            self.book.mark_down(ep.id, until_up=True)
+        elif self.book.mark_down(ep.id, until_up=True):  # one line per ejection
+            log.warning("[kvcache] endpoint %s failed its health check: ejected", ep.id)
 
     def poll_metrics(self, ep: Endpoint) -> None:
         resp = self._get(ep, "/metrics", max(0.2, min(self.metrics_interval, 1.0)))

@@ -6,11 +6,13 @@ from __future__ import annotations
 from ..clients.http import HelperClient
 from ..config import GatewayConfig
 from ..observability.counters import Counters
+from .addresses import EngineAddresses
 from .cluster import Cluster
 from .discovery import Discovery
 from .endpoint import Endpoint
 from .engine_metrics import EngineMonitor
 from .health import HealthBook
+from .outliers import OutlierDetector
 from .view import FleetView
 
 
@@ -18,11 +20,14 @@ class Fleet:
     def __init__(self, cfg: GatewayConfig, registry: HelperClient, counters: Counters) -> None:
         kv = cfg.kvcache
         self.health = HealthBook()
+        self.outliers = OutlierDetector(kv.outlier_detection, self.health)
         self.clusters = {n: Cluster(c, self.health.is_healthy) for n, c in cfg.clusters.items()}
         self.monitor = EngineMonitor(
             self._endpoints(), self.health,
             kv.health_check_interval if kv.enabled else 0.0,
             kv.metrics_interval if kv.enabled else 0.0)
+        # regular proxy mode: which requests are aimed at an engine (resolved in start)
+        self.addresses = EngineAddresses(())
         self.views = {n: FleetView(c, self.monitor, kv.min_batch_slots)
                       for n, c in self.clusters.items()}
         self.discovery: Discovery | None = None
@@ -36,8 +41,10 @@ class Fleet:
 
     def _endpoints_changed(self) -> None:
         self.monitor.endpoints = self._endpoints()
+        self.addresses.update(self.monitor.endpoints)
 
     def start(self) -> None:
+        self.addresses.update(self._endpoints())
         self.monitor.start()
         if self.discovery is not None:
             self.discovery.start()

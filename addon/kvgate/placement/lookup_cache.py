@@ -30,6 +30,10 @@ Ask = Callable[[Sequence[int], float], Awaitable[list[Placement]]]
 SIZE = 10_000  # prompts whose answer is kept
 
 
+def _weight(entry: tuple[float, tuple[Placement, ...]]) -> int:
+    return 1 + len(entry[1]) // 8
+
+
 class LookupCache:
     def __init__(self, ask: Ask, ttl: float, stale_ttl: float, max_renewals: int,
                  counters: Counters, size: int = SIZE,
@@ -40,8 +44,11 @@ class LookupCache:
         self.stale_ttl = stale_ttl
         self.max_renewals = max_renewals
         self.counters = counters
-        # key -> (expiry, placements)
-        self.entries: LRUCache[str, tuple[float, tuple[Placement, ...]]] = LRUCache(size)
+        # key -> (expiry, placements); an answer of up to 8 placements weighs 1, one of 64
+        # weighs 9: ``size`` answers of a fleet's few, fewer of many (a controller listing
+        # 64 instances for every prompt must not make this 64x bigger in bytes)
+        self.entries: LRUCache[str, tuple[float, tuple[Placement, ...]]] = LRUCache(
+            size, getsizeof=_weight)
         self._lock = threading.Lock()
         # key -> the /lookup in flight for that prompt (on the loop that started it)
         self.asking: dict[str, asyncio.Future[list[Placement]]] = {}

@@ -19,20 +19,22 @@ MAX_BYTES = 64 * 1024  # hashed per request on the event loop: a prefix this lon
 # conversation identity enough, and an 8 MiB prompt must not cost milliseconds here
 
 
-def _chain(text: str) -> list[tuple[int, bytes]]:
-    h = hashlib.blake2b(digest_size=12)
+def _chain(text: str) -> list[tuple[int, int]]:
+    """(end, hash of the text up to it) per whole piece; the hash as a 64-bit int (36
+    bytes, against 45 for a 12-byte digest: this map holds 100 000 of them)."""
+    h = hashlib.blake2b(digest_size=8)
     data = text[:MAX_BYTES].encode("utf-8", "surrogatepass")[:MAX_BYTES]
     out = []
     for start in range(0, len(data) - PIECE + 1, PIECE):  # whole pieces only
         h.update(data[start:start + PIECE])
-        out.append((start + PIECE, h.copy().digest()))
+        out.append((start + PIECE, int.from_bytes(h.copy().digest(), "little")))
     return out
 
 
 class PrefixIndex:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._map: OrderedDict[bytes, str] = OrderedDict()
+        self._map: OrderedDict[int, str] = OrderedDict()
         self._lock = threading.Lock()
         # prompt key -> endpoint last recorded: a repeat routed the same way skips the
         # hashing; the pieces' recency is refreshed at least every 10 s
