@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvgate import config
-from kvgate.addon import _is_connect_failure
+from kvgate.engine_faults import _is_connect_failure
 
 
 def _doc(**over: object) -> dict:
