@@ -30,6 +30,8 @@ from .observability.stats import Sources
 from .placement.layout import Placement
 from .placement.lookup_cache import LookupCache
 from .placement.prefix_index import PrefixIndex
+from .placement.recent_routes import RecentRoutes
+from .placement.recent_routes import merge as merge_recent
 from .policies.base import BALANCER, FALLBACK, Decision, Prompt
 from .request.parsing import NotParsed, parse_body
 from .request.routed import Routed
@@ -62,6 +64,7 @@ class Gateway:
                                    kv.routing_workers, self.counters,
                                    timer=lambda: self.exporter.lookup_seconds.time())
         self.prefix_index = PrefixIndex(kv.prefix_index_size)
+        self.recent = RecentRoutes(kv.recent_routes_window)
         self.cache = CacheManager(kv, self.token_cache, self.tokens.local_tokens, self.helpers,
                                   self.fleet.monitor, self.counters)
         h, f = self.helpers, self.fleet
@@ -129,6 +132,11 @@ class Gateway:
             self.counters.inc("lookup.routing_failed")
             return self._fallback(cluster_name, routed, f"lookup: {type(exc).__name__}")
         self.counters.inc(f"lookup.{how}")
+        if how == "routing_ok":  # a fresh answer: add what LMCache cannot know yet
+            held = self.recent.held(probe)
+            if held:
+                self.counters.inc("lookup.recent_routes")
+                placements = merge_recent(placements, held)
         routed.placements = placements
         return self._choose(cluster_name, routed, placements)  # 4. pick an endpoint
 
@@ -193,14 +201,17 @@ class Gateway:
         return decision
 
     def _settle(self, routed: Routed, decision: Decision) -> Routed:
-        """Remember where the prompt went: in the prefix index (for fallbacks) and over
-        its lookup answer (that engine will hold it, before LMCache knows)."""
+        """Remember where the prompt went (that engine will hold it, before LMCache knows):
+        in the prefix index (for fallbacks), the recent routes (for prompts sharing its
+        prefix) and over its lookup answer (for repeats)."""
         assert routed.parsed is not None
         routed.decision = decision
-        self.prefix_index.note(routed.key, routed.parsed.key_text, decision.endpoint.id)
+        ep = decision.endpoint.id
+        sent = routed.probe
+        if self.prefix_index.note(routed.key, routed.parsed.key_text, ep) and sent:
+            self.recent.note(sent, ep)  # not for a repeat sent the same way just now
         if routed.tokens is not None and routed.placements is not None:
-            self.lookups.overlay(routed.key, routed.placements, decision.endpoint.id,
-                                 len(routed.tokens))
+            self.lookups.overlay(routed.key, routed.placements, ep, len(routed.tokens))
         return routed
 
     # ------------------------------------------------------------ 5. act in the background

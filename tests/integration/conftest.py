@@ -43,4 +43,12 @@ def mitm(tmp_path: Path) -> Iterator[Any]:
     for gw in started:  # every one stopped before any is judged: none outlives the test
         gw.stop()
     for gw in started:
-        assert "Traceback" not in gw.log(), gw.log()[-3000:]
+        assert not kvgate_tracebacks(gw.log()), gw.log()[-3000:]
+
+
+def kvgate_tracebacks(log: str) -> list[str]:
+    """Tracebacks in a mitmdump log, but mitmproxy's own at shutdown: a client connection
+    still open when SIGINT arrives logs its handler's CancelledError (no kvgate frame)."""
+    blocks = log.split("Traceback (most recent call last):")[1:]
+    return [b for b in blocks
+            if not ("CancelledError" in b and "kvgate" not in b and "mitmproxy" in b)]

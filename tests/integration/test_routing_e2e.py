@@ -92,17 +92,18 @@ def test_slow_lookups_do_not_queue_behind_each_other(stubs: Stubs, mitm) -> None
     stubs.controller.delay = 0.4
     stubs.controller.record = False
     gw = mitm(stubs.kvgate_config(lookup_routing_timeout="2s"), mode=reverse(stubs))
-    prompt_ids = [[7, 8, 9, i] for i in range(16)]
+    prompt_ids = [[7, 8, 9, i] for i in range(32)]
     gw.post("/v1/completions", {"model": "m", "prompt": [1, 2]})  # warm up
     t0 = time.monotonic()
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(
             lambda ids: gw.post("/v1/completions", {"model": "m", "prompt": ids}), prompt_ids))
     elapsed = time.monotonic() - t0
     assert all(r.status_code == 200 for r in results)
-    # 16 lookups of 0.4 s each, run one after another, would take 6.4 s; a small pool
-    # (the default executor's 6 threads) about 1.2 s; concurrently about 0.4 s.
-    assert elapsed < 1.1, elapsed
+    # 32 lookups of 0.4 s each, run one after another, would take 12.8 s; a small pool
+    # (the default executor's 6 threads) about 2.4 s; concurrently about 0.4 s (a loaded
+    # 2-core machine adds most of a second to that).
+    assert elapsed < 1.6, elapsed
 
 
 def test_bad_input_reaches_an_engine_exactly_as_sent(stubs: Stubs, mitm) -> None:

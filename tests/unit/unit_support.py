@@ -142,8 +142,10 @@ def gateway_doc(
         # the endpoints here are addresses nobody listens on: no active checks
         "health_check_interval": 0,
         "metrics_interval": 0,
-        # one lookup per request, as most tests count them (test_recent_lookups sets it)
+        # one lookup per request, as most tests count them (test_lookup_cache sets it)
         "lookup_cache_ttl": 0,
+        # LMCache's answer alone decides (test_recent_routes sets it)
+        "recent_routes_window": 0,
     }
     return {
         "kvcache": merge(kv, kvcache or {}),

@@ -78,6 +78,7 @@ _DURATIONS = {
     "interval",
     "lookup_cache_ttl",
     "lookup_stale_ttl",
+    "recent_routes_window",
     "base_ejection_time",
     "max_ejection_time",
     "response_headers_timeout",

@@ -75,6 +75,7 @@ def validate(cfg: KVCacheConfig) -> None:
                         ("prefix_index_size", cfg.prefix_index_size),
                         ("lookup_cache_ttl", cfg.lookup_cache_ttl),
                         ("lookup_stale_ttl", cfg.lookup_stale_ttl),
+                        ("recent_routes_window", cfg.recent_routes_window),
                         ("min_batch_slots", cfg.min_batch_slots)):
         if value < 0:
             raise ConfigError(path, value, "must be >= 0")

@@ -158,6 +158,9 @@ class KVCacheConfig:
     # after lookup_cache_ttl the answer still routes for this long while one lookup renews
     # it in the background (stale-while-revalidate); 0 = wait for a fresh answer
     lookup_stale_ttl: float = 1.0
+    # for this long after the gateway sent a prompt, its 256-token chunks count as held by
+    # that engine (LMCache learns it only after the prefill, in batches); 0 = off
+    recent_routes_window: float = 5.0
     # model name -> tokenizer.json (or the model directory holding it and
     # tokenizer_config.json): first-sight prompts are tokenized in-process, no /tokenize
     tokenizers: dict[str, str] = field(default_factory=dict)

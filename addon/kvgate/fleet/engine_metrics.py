@@ -60,6 +60,7 @@ class EngineMonitor:
         self.metrics_interval = metrics_interval
         self.stats: dict[str, EngineStats] = {}
         self.slots: dict[str, float] = {}
+        self.full_slots: dict[str, float] = {}
         self._pool = urllib3.PoolManager(num_pools=len(self.endpoints) + 8, maxsize=2,
                                          retries=False)
         self._stop = threading.Event()
@@ -87,8 +88,13 @@ class EngineMonitor:
         return max(3 * self.metrics_interval, 1.0)
 
     def batch_slots(self, endpoint_id: str, at_least: float) -> float:
-        """Sequences the engine runs at once before it queues: the most seen running
-        (vLLM's max_num_seqs is not in /metrics), but at least ``at_least``."""
+        """Sequences the engine runs at once before it queues (vLLM's max_num_seqs is not
+        in /metrics). Once the engine has been seen full (requests waiting), the most it
+        ran then: that is its limit, however small. Until then the most seen running, but
+        at least ``at_least``."""
+        full = self.full_slots.get(endpoint_id)
+        if full is not None:
+            return full
         return max(self.slots.get(endpoint_id, 0.0), at_least)
 
     def fresh(self, endpoint_id: str, max_age: float | None = None) -> EngineStats | None:
@@ -124,6 +130,9 @@ class EngineMonitor:
             # we can tell (vLLM's max_num_seqs is not in /metrics)
             if st.running > self.slots.get(ep.id, 0.0):
                 self.slots[ep.id] = st.running
+            # requests waiting while these run: the engine is full at this many
+            if st.waiting > 0 and st.running > self.full_slots.get(ep.id, 0.0):
+                self.full_slots[ep.id] = st.running
 
     def _each(self, check: Callable[[Endpoint], None]) -> None:
         endpoints = self.endpoints  # discovery may replace the list meanwhile

@@ -41,13 +41,15 @@ class PrefixIndex:
         self._recorded: TTLCache[str, str] = TTLCache(10_000, 10.0)
         self._recorded_lock = threading.Lock()
 
-    def note(self, key: str, text: str, endpoint_id: str) -> None:
-        """``record``, unless this prompt (by key) was just recorded for this endpoint."""
+    def note(self, key: str, text: str, endpoint_id: str) -> bool:
+        """``record``, unless this prompt (by key) was just recorded for this endpoint;
+        whether it was."""
         with self._recorded_lock:
             if self._recorded.get(key) == endpoint_id:
-                return
+                return False
             self._recorded[key] = endpoint_id
         self.record(text, endpoint_id)
+        return True
 
     def record(self, text: str, endpoint_id: str) -> None:
         if self.capacity <= 0:

@@ -1,0 +1,115 @@
+"""The gateway's memory of where it just sent each prompt prefix (placement.recent_routes),
+and an engine's batch slots learnt from being seen full (fleet.engine_metrics)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from kvgate.config import Endpoint
+from kvgate.fleet.engine_metrics import EngineMonitor
+from kvgate.fleet.health import HealthBook
+from kvgate.placement.layout import Placement
+from kvgate.placement.recent_routes import CHUNK, MAX_CHUNKS, RecentRoutes, merge
+from kvgate.policies import base as routing
+
+from unit_support import FakeClock, calls
+
+
+def test_whole_chunks_sent_recently_count_as_held() -> None:
+    clock = FakeClock()
+    recent = RecentRoutes(window=5.0, clock=clock)
+    doc = list(range(1000, 1000 + 2 * CHUNK + 100))
+    recent.note(doc, "e1")
+    question = doc[: 2 * CHUNK] + [7, 8, 9]
+    assert recent.held(question) == {"e1": 2 * CHUNK}
+    assert recent.held(list(range(5000, 5600))) == {}
+    assert recent.held(doc[:CHUNK - 1]) == {}  # no whole chunk
+    clock.advance(5.1)
+    assert recent.held(question) == {}  # past the window LMCache knows best
+
+
+def test_a_longer_prefix_sent_elsewhere_holds_the_shorter_one_too() -> None:
+    recent = RecentRoutes(window=5.0, clock=FakeClock())
+    system = list(range(3 * CHUNK))
+    recent.note(system[:CHUNK], "e1")
+    recent.note(system, "e2")  # e2 prefilled all three chunks
+    assert recent.held(system) == {"e2": 3 * CHUNK}
+    recent.note(system[:CHUNK], "e1")  # sent again to e1 since: e1 holds chunk one
+    assert recent.held(system) == {"e1": CHUNK, "e2": 3 * CHUNK}
+
+
+def test_bounded_per_prompt_and_in_entries_and_off_at_zero() -> None:
+    recent = RecentRoutes(window=5.0, capacity=10, clock=FakeClock())
+    long = list(range((MAX_CHUNKS + 5) * CHUNK))
+    recent.note(long, "e1")
+    assert len(recent) == 10
+    recent = RecentRoutes(window=5.0, clock=FakeClock())
+    recent.note(long, "e1")
+    assert recent.held(long) == {"e1": MAX_CHUNKS * CHUNK}
+    off = RecentRoutes(window=0.0)
+    off.note(long, "e1")
+    assert off.held(long) == {} and len(off) == 0
+    assert RecentRoutes(window=5.0).held([2**40] * CHUNK) == {}  # no 32-bit token ids
+
+
+def test_merge_raises_lmcache_answers_and_adds_engines_it_does_not_know_yet() -> None:
+    answer = [Placement("e1", "LocalCPUBackend", 256), Placement("e2", "LocalCPUBackend", 1024)]
+    got = merge(answer, {"e1": 768, "e2": 512, "e3": 256})
+    assert got == [Placement("e1", "LocalCPUBackend", 768),
+                   Placement("e2", "LocalCPUBackend", 1024), Placement("e3", "", 256)]
+
+
+def _body(ids: list[int]) -> bytes:
+    return json.dumps({"model": "m", "prompt": ids}).encode()
+
+
+def test_a_question_right_behind_another_on_the_same_document_follows_it(
+        make_gateway, controller) -> None:
+    doc = list(range(100, 100 + 3 * CHUNK))
+    gw = make_gateway({"recent_routes_window": "5s"})
+    first = gw.route("vllm", _body(doc + [1, 2, 3]))
+    assert first.decision.reason == routing.BALANCER  # LMCache knows nothing yet
+    second = gw.route("vllm", _body(doc + [4, 5, 6]))  # a new prompt, the same document
+    assert len(calls(controller, "/lookup")) == 2
+    assert (second.decision.reason, second.decision.endpoint.id) == (
+        routing.CACHE, first.decision.endpoint.id)
+    assert second.decision.matched_tokens == 3 * CHUNK
+    assert gw.counters.get("lookup.recent_routes") == 1
+
+    off = make_gateway({"recent_routes_window": 0})
+    off.route("vllm", _body(doc + [1, 2, 3]))
+    assert off.route("vllm", _body(doc + [4, 5, 6])).decision.reason == routing.BALANCER
+
+
+def test_an_engine_seen_full_has_exactly_the_slots_it_was_running() -> None:
+    ep = Endpoint("e1", "127.0.0.1", 1)
+    monitor = EngineMonitor([ep], HealthBook(), 0.0, 0.0)
+    assert monitor.batch_slots("e1", 4.0) == 4.0  # nothing known: the floor
+    monitor.slots["e1"] = 2.0
+    assert monitor.batch_slots("e1", 4.0) == 4.0  # seen running 2, maybe more room
+    monitor.full_slots["e1"] = 2.0
+    assert monitor.batch_slots("e1", 4.0) == 2.0  # seen full at 2: that is the limit
+
+
+def test_the_monitor_learns_full_slots_from_waiting_requests(monkeypatch) -> None:
+    ep = Endpoint("e1", "127.0.0.1", 1)
+    monitor = EngineMonitor([ep], HealthBook(), 0.0, 0.5)
+    pages = iter([b"vllm:num_requests_running 3\nvllm:num_requests_waiting 0\n",
+                  b"vllm:num_requests_running 3\nvllm:num_requests_waiting 2\n",
+                  b"vllm:num_requests_running 1\nvllm:num_requests_waiting 1\n"])
+
+    class Answer:
+        status = 200
+
+        def __init__(self) -> None:
+            self.data = next(pages)
+
+    monkeypatch.setattr(monitor, "_get", lambda *a, **k: Answer())
+    monitor.poll_metrics(ep)
+    assert "e1" not in monitor.full_slots and monitor.batch_slots("e1", 4.0) == 4.0
+    monitor.poll_metrics(ep)
+    assert monitor.batch_slots("e1", 4.0) == 3.0
+    monitor.poll_metrics(ep)  # a moment with fewer running does not shrink it
+    assert monitor.batch_slots("e1", 4.0) == 3.0
+    assert time.monotonic() - monitor.stats["e1"].at < 5
