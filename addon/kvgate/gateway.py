@@ -172,11 +172,13 @@ class Gateway:
                 placements: list[Placement] | None = None) -> Routed:
         assert routed.parsed is not None
         policy = self.policies[cluster_name]
-        prompt = Prompt(routed.parsed.key_text, routed.tokens, len(routed.probe or ()))
+        probe = routed.probe
+        n = len(probe) if probe is not None else 0
+        prompt = Prompt(routed.parsed.key_text, routed.tokens, n)
         decision = policy.choose(prompt, placements or [], self.fleet.views[cluster_name])
-        if policy.needs_placements and routed.tokens:  # an earlier turn's would overstate it
-            self.exporter.matched_ratio.observe(
-                min(1.0, decision.matched_tokens / len(routed.tokens)))
+        if policy.needs_placements and routed.tokens is not None and n:
+            # the prompt's own tokens only: an earlier turn's would overstate the share
+            self.exporter.matched_ratio.observe(min(1.0, decision.matched_tokens / n))
         return self._settle(routed, self._count(decision))
 
     def _fallback(self, cluster_name: str, routed: Routed, why: str) -> Routed:
@@ -208,7 +210,7 @@ class Gateway:
         routed.decision = decision
         ep = decision.endpoint.id
         sent = routed.probe
-        if self.prefix_index.note(routed.key, routed.parsed.key_text, ep) and sent:
+        if self.prefix_index.note(routed.key, routed.parsed.key_text, ep) and sent is not None:
             self.recent.note(sent, ep)  # not for a repeat sent the same way just now
         if routed.tokens is not None and routed.placements is not None:
             self.lookups.overlay(routed.key, routed.placements, ep, len(routed.tokens))

@@ -82,3 +82,18 @@ def test_prefix_index_is_bounded() -> None:
     for i in range(50):
         idx.record(f"prompt {i} " + "y" * 2000, f"e{i % 3}")
     assert len(idx) <= 10
+
+
+def test_a_second_copy_of_a_prefix_is_charged_for_what_it_evicts() -> None:
+    held = [Placement("e1", "cpu", 1500)]
+    ahead = {"e1": 3.0, "e2": 0.0, "e3": 0.0}
+    myopic = routing.CostModel(replicate=0.0)
+    # queueing 3 deep (120 ms) costs more than prefilling 1500 tokens elsewhere (105 ms)
+    assert routing.cheapest(1500, held, EPS, always, ahead, myopic)[0].id == "e2"
+    # but that copy will evict something a later request needed: the holder keeps it
+    assert routing.cheapest(1500, held, EPS, always, ahead, routing.CostModel())[0].id == "e1"
+    # a queue deep enough still spreads a hot prefix
+    deep = {"e1": 9.0, "e2": 0.0, "e3": 0.0}
+    assert routing.cheapest(1500, held, EPS, always, deep, routing.CostModel())[0].id == "e2"
+    # nothing held anywhere: no copy, no charge
+    assert routing.CostModel().cost(1500, 0, 0.0, 0) == routing.CostModel().ttft(1500, 0, 0.0)

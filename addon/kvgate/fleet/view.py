@@ -16,6 +16,9 @@ class FleetView:
         self.cluster = cluster
         self.monitor = monitor
         self.min_batch_slots = float(min_batch_slots)
+        # the cluster's own, bound: policies call these per endpoint per request
+        self.healthy = cluster.healthy
+        self.round_robin = cluster.round_robin
 
     @property
     def name(self) -> str:
@@ -29,12 +32,6 @@ class FleetView:
     def inflight(self) -> Mapping[str, int]:
         """Requests the gateway sent each endpoint that have not finished."""
         return self.cluster.inflight
-
-    def healthy(self, endpoint_id: str) -> bool:
-        return self.cluster.healthy(endpoint_id)
-
-    def round_robin(self) -> Endpoint:
-        return self.cluster.round_robin()
 
     def ahead(self) -> dict[str, float]:
         """Requests a new one would queue behind, per endpoint.

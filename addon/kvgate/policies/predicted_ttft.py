@@ -34,12 +34,16 @@ class CostModel:
     prefill_ms: float = 0.07
     load_ms: float = 0.007
     queue_ms: float = 40.0
+    replicate: float = 1.0
+    """What a second copy of a prefix costs the cluster later, as a share of its prefill:
+    the copy evicts other content (its next request misses). Charged to an engine for
+    what it lacks of the prefix that another healthy engine holds."""
     # documented at the top of ``kvcache:`` before policies had knobs of their own; still
     # read from there unless ``policies: {kvgate: {...}}`` sets them
     LEGACY: ClassVar[tuple[str, ...]] = ("prefill_ms", "load_ms", "queue_ms")
 
     def check(self) -> None:
-        for name in ("prefill_ms", "load_ms", "queue_ms"):
+        for name in ("prefill_ms", "load_ms", "queue_ms", "replicate"):
             if getattr(self, name) < 0:
                 raise OptionError(name, getattr(self, name), "must be >= 0")
 
@@ -47,6 +51,14 @@ class CostModel:
         matched = min(matched, prompt_tokens)
         return ((prompt_tokens - matched) * self.prefill_ms + matched * self.load_ms
                 + ahead * self.queue_ms)
+
+    def cost(self, prompt_tokens: int, matched: int, ahead: float, held: int) -> float:
+        """What routing minimises: the predicted TTFT, plus the price of copying a prefix
+        that another engine already holds (``held`` tokens of it)."""
+        cost = self.ttft(prompt_tokens, matched, ahead)
+        if self.replicate and held > matched:
+            cost += self.replicate * (min(held, prompt_tokens) - matched) * self.prefill_ms
+        return cost
 
 
 def cheapest(
@@ -61,16 +73,22 @@ def cheapest(
     """The healthy endpoint with the lowest predicted TTFT; ties to the fewest ahead, then
     the fewest in flight, then config order. None when no endpoint is healthy."""
     matched = matched_by_instance(placements)
+    held = held_anywhere(matched, healthy)
     best: tuple[tuple[float, float, int, int], Endpoint, int, float] | None = None
     for order, ep in enumerate(endpoints):
         if not healthy(ep.id):
             continue
         m = matched.get(ep.id, 0)
-        cost = model.ttft(prompt_tokens, m, ahead.get(ep.id, 0.0))
+        cost = model.cost(prompt_tokens, m, ahead.get(ep.id, 0.0), held)
         rank = (round(cost, 6), ahead.get(ep.id, 0.0), (inflight or {}).get(ep.id, 0), order)
         if best is None or rank < best[0]:
             best = (rank, ep, m, cost)
     return (best[1], best[2], best[3]) if best else None
+
+
+def held_anywhere(matched: Mapping[str, int], healthy: Callable[[str], bool]) -> int:
+    """The most of the prompt any healthy engine holds."""
+    return max((m for ep_id, m in matched.items() if healthy(ep_id)), default=0)
 
 
 @register("kvgate", options=CostModel)
@@ -87,9 +105,11 @@ class PredictedTTFT(Policy):
             return Decision(fleet.round_robin(), BALANCER, 0, "none healthy")
         ep, matched, cost = pick
         if matched > 0:
-            return Decision(ep, CACHE, matched, f"predicted ttft {cost:.0f} ms")
+            ttft = self.model.ttft(n_tokens, matched, ahead.get(ep.id, 0.0))
+            return Decision(ep, CACHE, matched, f"predicted ttft {ttft:.0f} ms")
         # Nothing cached anywhere worth it: spread by rotation among the least loaded.
         rr = fleet.round_robin()
-        if self.model.ttft(n_tokens, 0, ahead.get(rr.id, 0.0)) <= cost + 1e-6:
+        held = held_anywhere(matched_by_instance(placements), fleet.healthy)
+        if self.model.cost(n_tokens, 0, ahead.get(rr.id, 0.0), held) <= cost + 1e-6:
             ep = rr
         return Decision(ep, BALANCER, 0, no_cache_detail(placements))
