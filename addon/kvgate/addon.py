@@ -1,4 +1,5 @@
-"""The mitmproxy glue: options, hooks and flow annotations. The pipeline is ``gateway``."""
+"""The mitmproxy glue: options, hooks, flow annotations (comment, fallback mark, kept SSE
+answers) and the LLM content view's registration. The pipeline is ``gateway``."""
 
 from __future__ import annotations
 
@@ -9,15 +10,21 @@ from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+from mitmproxy.utils import human
 
-from . import config
+from . import config, contentview
 from .gateway import Gateway
-from .policies.base import BALANCER, DISABLED
+from .observability.llm_view import StreamTap
+from .policies.base import BALANCER, DISABLED, FALLBACK
 from .request.routed import Routed
 
 log = logging.getLogger("kvgate")
 
 META = "kvcache"
+FALLBACK_MARK = ":warning:"
+"""``flow.marked`` of a routed flow that fell back (mitmweb shows ⚠; filter ``~marked``)."""
+COMMENT_DETAIL_MAX = 40
+"""The flow comment is a list column: the full ``detail`` is in the metadata and LLM view."""
 
 
 def _header(headers: http.Headers, name: bytes) -> str:
@@ -69,6 +76,8 @@ class KVCacheAddon:
         # the gateway each routed flow counted itself in: after a reload, flows still in
         # flight end their counts there, not in the new gateway
         self._owners: dict[str, Gateway] = {}
+        self._keep_streamed = 1024 * 1024  # kvcache_keep_streamed, in bytes
+        self._view: contentview.LLMView | None = None
 
     # ------------------------------------------------------------ options
 
@@ -79,8 +88,28 @@ class KVCacheAddon:
             "",
             "Path to the kvgate config (seed, Pixiu or kvgate shape). Empty: pass-through.",
         )
+        loader.add_option(
+            "kvcache_keep_streamed",
+            str,
+            "1m",
+            "Keep the first this many bytes of each streamed (SSE) answer on its flow, for "
+            "the LLM view, mitmweb and saved flows (mitmproxy keeps none of a streamed "
+            "body). 0: keep none.",
+        )
+        # the LLM content view (mitmweb, console): chosen by "auto" for LLM API bodies
+        self._view = contentview.register()
 
     def configure(self, updated: set[str]) -> None:
+        if "kvcache_keep_streamed" in updated:
+            try:
+                keep = human.parse_size(ctx.options.kvcache_keep_streamed)
+            except ValueError:
+                keep = None
+            if keep is None or keep < 0:
+                raise exceptions.OptionsError(
+                    f"kvcache_keep_streamed={ctx.options.kvcache_keep_streamed!r}: "
+                    "a size such as 1m, 256k or 0")
+            self._keep_streamed = keep
         if "termlog_verbosity" in updated and hasattr(ctx.options, "termlog_verbosity"):
             # mitmproxy leaves the root logger at DEBUG; don't pay for our debug lines
             # on the request path unless someone is reading them.
@@ -153,6 +182,8 @@ class KVCacheAddon:
             _warn_if_exposed()
 
     def done(self) -> None:
+        contentview.unregister(self._view)
+        self._view = None
         self._swap(None)
 
     # ------------------------------------------------------------ hooks
@@ -220,13 +251,22 @@ class KVCacheAddon:
             meta["prompt_hash"] = routed.key[:16]
             if routed.tokens is not None:
                 meta["prompt_tokens"] = len(routed.tokens)
+        # the runner-up and its predicted TTFT, from policies that report one
+        runner_up = decision.runner_up
+        if runner_up:
+            meta["runner_up"] = runner_up
         flow.metadata[META] = meta
         comment = f"kvcache: {decision.reason} -> {ep.id}"
         if decision.matched_tokens:
             comment += f" ({decision.matched_tokens} cached tokens)"
         elif decision.detail:
-            comment += f" ({decision.detail})"
+            detail = decision.detail
+            if len(detail) > COMMENT_DETAIL_MAX:
+                detail = detail[:COMMENT_DETAIL_MAX - 1] + "…"
+            comment += f" ({detail})"
         flow.comment = comment
+        if decision.reason == FALLBACK and not flow.marked:
+            flow.marked = FALLBACK_MARK  # the flows a filter should find: ~marked
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[kvcache] %s %s key=%s", req.path, comment, meta.get("prompt_hash"))
         cancel = gw.background(routed)
@@ -239,7 +279,7 @@ class KVCacheAddon:
             if resp is None:
                 return
             if _header(resp.headers, b"content-type").lower().startswith("text/event-stream"):
-                resp.stream = True
+                resp.stream = self._stream(flow, resp)
             gw = self.gateway
             meta = flow.metadata.get(META)
             if gw is not None and meta and gw.kv.debug_headers:
@@ -248,6 +288,17 @@ class KVCacheAddon:
                 resp.headers["x-kvcache-matched-tokens"] = str(meta["matched_tokens"])
         except Exception:
             log.exception("[kvcache] responseheaders error")
+
+    def _stream(self, flow: http.HTTPFlow, resp: http.Response) -> Any:
+        """Stream an SSE answer through; keep a bounded copy of it for the LLM view
+        (a streamed body is otherwise not kept) unless kvcache_keep_streamed is 0."""
+        if callable(resp.stream):  # another addon's: leave it be
+            return resp.stream
+        if not self._keep_streamed or not flow.live:  # a flow read from a file has its body
+            return True
+        facts: dict[str, Any] = {}
+        flow.metadata[contentview.STREAM_META] = facts
+        return StreamTap(resp.data, facts, self._keep_streamed)
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
@@ -272,6 +323,8 @@ class KVCacheAddon:
 
     def error(self, flow: http.HTTPFlow) -> None:
         try:
+            if flow.response is not None and isinstance(flow.response.stream, StreamTap):
+                flow.response.stream.finish()  # a stream cut short: keep what came
             cancel = self._cancels.get(flow.id)
             if cancel is not None:
                 cancel.set()

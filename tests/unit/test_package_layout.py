@@ -1,6 +1,7 @@
 """The package's shape, read from its import statements: no cycles, the simulator and the
 gateway apart, cache management fed by routing without reaching back into it, and
-mitmproxy only in the glue (the routing addon and the engine-faults addon)."""
+mitmproxy only in the glue (the routing addon, the engine-faults addon and the LLM
+content view, which subclasses mitmproxy's ``contentviews.View``)."""
 
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def test_policies_are_pure_of_clients_and_the_pipeline() -> None:
 def test_only_the_glue_imports_mitmproxy() -> None:
     users = sorted(name for name, path in MODULES.items()
                    if "mitmproxy" in {n.split(".")[0] for n in _third_party(path)})
-    assert users == ["kvgate.addon", "kvgate.engine_faults"]
+    assert users == ["kvgate.addon", "kvgate.contentview", "kvgate.engine_faults"]
 
 
 def _third_party(path: Path) -> set[str]:

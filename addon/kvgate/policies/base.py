@@ -30,6 +30,9 @@ class Decision:
     reason: str
     matched_tokens: int = 0
     detail: str = ""
+    runner_up: str = ""
+    """The endpoint ranked next and its figure, e.g. ``vllm-1 (predicted ttft 40 ms)``:
+    shown with the flow (the LLM view), never used to route."""
 
 
 @dataclass(frozen=True, slots=True)

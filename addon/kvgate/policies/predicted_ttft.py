@@ -72,18 +72,36 @@ def cheapest(
 ) -> tuple[Endpoint, int, float] | None:
     """The healthy endpoint with the lowest predicted TTFT; ties to the fewest ahead, then
     the fewest in flight, then config order. None when no endpoint is healthy."""
+    ranked = _two_cheapest(prompt_tokens, placements, endpoints, healthy, ahead, model,
+                           inflight)
+    return ranked[0] if ranked else None
+
+
+def _two_cheapest(
+    prompt_tokens: int,
+    placements: Sequence[Placement],
+    endpoints: Sequence[Endpoint],
+    healthy: Callable[[str], bool],
+    ahead: Mapping[str, float],
+    model: CostModel,
+    inflight: Mapping[str, int] | None = None,
+) -> list[tuple[Endpoint, int, float]]:
+    """The cheapest healthy endpoint and the runner-up (for the flow's "why"), in one pass."""
     matched = matched_by_instance(placements)
     held = held_anywhere(matched, healthy)
-    best: tuple[tuple[float, float, int, int], Endpoint, int, float] | None = None
+    ranks: list[tuple[tuple[float, float, int, int], Endpoint, int, float]] = []
     for order, ep in enumerate(endpoints):
         if not healthy(ep.id):
             continue
         m = matched.get(ep.id, 0)
         cost = model.cost(prompt_tokens, m, ahead.get(ep.id, 0.0), held)
         rank = (round(cost, 6), ahead.get(ep.id, 0.0), (inflight or {}).get(ep.id, 0), order)
-        if best is None or rank < best[0]:
-            best = (rank, ep, m, cost)
-    return (best[1], best[2], best[3]) if best else None
+        ranks.append((rank, ep, m, cost))
+        if len(ranks) > 2:
+            ranks.sort(key=lambda r: r[0])
+            del ranks[2]
+    ranks.sort(key=lambda r: r[0])
+    return [(ep, m, cost) for _, ep, m, cost in ranks]
 
 
 def held_anywhere(matched: Mapping[str, int], healthy: Callable[[str], bool]) -> int:
@@ -99,14 +117,19 @@ class PredictedTTFT(Policy):
     def choose(self, prompt: Prompt, placements: Sequence[Placement], fleet: Fleet) -> Decision:
         n_tokens = prompt.probe_tokens
         ahead = fleet.ahead()
-        pick = cheapest(n_tokens, placements, fleet.endpoints, fleet.healthy, ahead,
-                        self.model, fleet.inflight)
-        if pick is None:  # nothing healthy: the rotation still tries someone
+        ranked = _two_cheapest(n_tokens, placements, fleet.endpoints, fleet.healthy, ahead,
+                               self.model, fleet.inflight)
+        if not ranked:  # nothing healthy: the rotation still tries someone
             return Decision(fleet.round_robin(), BALANCER, 0, "none healthy")
-        ep, matched, cost = pick
+        ep, matched, cost = ranked[0]
         if matched > 0:
             ttft = self.model.ttft(n_tokens, matched, ahead.get(ep.id, 0.0))
-            return Decision(ep, CACHE, matched, f"predicted ttft {ttft:.0f} ms")
+            runner_up = ""
+            if len(ranked) > 1:
+                other, m2, _ = ranked[1]
+                runner_up = (f"{other.id} (predicted ttft "
+                             f"{self.model.ttft(n_tokens, m2, ahead.get(other.id, 0.0)):.0f} ms)")
+            return Decision(ep, CACHE, matched, f"predicted ttft {ttft:.0f} ms", runner_up)
         # Nothing cached anywhere worth it: spread by rotation among the least loaded.
         rr = fleet.round_robin()
         held = held_anywhere(matched_by_instance(placements), fleet.healthy)
