@@ -8,7 +8,5 @@ if _here not in sys.path:
     sys.path.insert(0, _here)
 
 from kvgate.addon import KVCacheAddon  # noqa: E402
-from kvgate.engine_faults import EngineFaults  # noqa: E402
 
-_routing = KVCacheAddon()
-addons = [_routing, EngineFaults(_routing)]  # routing first: faults watch what it routed
+addons = [KVCacheAddon()]

@@ -9,10 +9,12 @@ import threading
 from typing import Any
 
 from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.utils import human
 
 from . import config, contentview
+from .engine_faults import META, EngineFaults
 from .gateway import Gateway
 from .observability.llm_view import StreamTap
 from .policies.base import BALANCER, DISABLED, FALLBACK
@@ -20,7 +22,6 @@ from .request.routed import Routed
 
 log = logging.getLogger("kvgate")
 
-META = "kvcache"
 FALLBACK_MARK = ":warning:"
 """``flow.marked`` of a routed flow that fell back (mitmweb shows ⚠; filter ``~marked``)."""
 COMMENT_DETAIL_MAX = 40
@@ -78,6 +79,9 @@ class KVCacheAddon:
         self._owners: dict[str, Gateway] = {}
         self._keep_streamed = 1024 * 1024  # kvcache_keep_streamed, in bytes
         self._view: contentview.LLMView | None = None
+        # engine faults are a concern of their own, called from these hooks (one addon
+        # for mitmproxy to dispatch every event to, not two)
+        self.faults = EngineFaults()
 
     # ------------------------------------------------------------ options
 
@@ -182,6 +186,7 @@ class KVCacheAddon:
             _warn_if_exposed()
 
     def done(self) -> None:
+        self.faults.close()
         contentview.unregister(self._view)
         self._view = None
         self._swap(None)
@@ -272,9 +277,14 @@ class KVCacheAddon:
         cancel = gw.background(routed)
         if cancel is not None:
             self._cancels[flow.id] = cancel
+        self.faults.routed(flow, gw)
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        await self.faults.server_connect(data)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         try:
+            self.faults.headers_in(flow)
             resp = flow.response
             if resp is None:
                 return
@@ -317,6 +327,7 @@ class KVCacheAddon:
 
     def response(self, flow: http.HTTPFlow) -> None:
         try:
+            self.faults.answered(flow)
             self._finish(flow)
         except Exception:
             log.exception("[kvcache] response hook error")
@@ -328,6 +339,7 @@ class KVCacheAddon:
             cancel = self._cancels.get(flow.id)
             if cancel is not None:
                 cancel.set()
+            self.faults.failed(flow)
             self._finish(flow)
         except Exception:
             log.exception("[kvcache] error hook error")

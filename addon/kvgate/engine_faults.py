@@ -1,5 +1,6 @@
-"""The mitmproxy glue for engine faults, beside the routing glue (``addon``): what an
-engine's answers say about its health, and what to do when it does not answer.
+"""The mitmproxy glue for engine faults: what an engine's answers say about its health,
+and what to do when it does not answer. The routing addon (``addon``) calls it from its
+own hooks, so mitmproxy dispatches each event to one kvgate addon, not two.
 
 - A failed answer (5xx, a reset, a kill mid-answer, no headers in time) counts against
   the engine; enough in a row eject it, with a back-off (``fleet.outliers``).
@@ -19,8 +20,9 @@ import time
 from mitmproxy import ctx, http
 from mitmproxy.proxy import events, server_hooks
 
-from .addon import META, KVCacheAddon
 from .gateway import Gateway
+
+META = "kvcache"  # the flow.metadata key the routing addon writes
 
 log = logging.getLogger("kvgate")
 
@@ -54,8 +56,7 @@ def _is_connect_failure(msg: str) -> bool:
 
 
 class EngineFaults:
-    def __init__(self, routing: KVCacheAddon) -> None:
-        self.routing = routing
+    def __init__(self) -> None:
         # routed flows, by id, with the gateway that routed them
         self._flows: dict[str, Gateway] = {}
         # flows sent to an engine and waiting for its response headers, oldest first:
@@ -66,17 +67,14 @@ class EngineFaults:
         self._connecting: dict[str, http.HTTPFlow] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def done(self) -> None:
+    def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
 
-    # ------------------------------------------------------------ hooks
+    # ------------------------------------------------------------ called from the hooks
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        """After the routing addon's: watch the flows it routed."""
-        gw = self.routing.owner(flow)
-        if gw is None or META not in flow.metadata:
-            return
+    def routed(self, flow: http.HTTPFlow, gw: Gateway) -> None:
+        """The routing addon sent ``flow`` to an engine: watch it."""
         self._flows[flow.id] = gw
         self._connecting[flow.client_conn.id] = flow
         if gw.kv.response_headers_timeout > 0:
@@ -85,11 +83,11 @@ class EngineFaults:
             if self._watcher is None:
                 self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def headers_in(self, flow: http.HTTPFlow) -> None:
         self._waiting.pop(flow.id, None)
         self._connecting.pop(flow.client_conn.id, None)
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    def answered(self, flow: http.HTTPFlow) -> None:
         try:
             gw = self._flows.pop(flow.id, None)
             meta = flow.metadata.get(META)
@@ -102,7 +100,7 @@ class EngineFaults:
         except Exception:
             log.exception("[kvcache] response hook error")
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    def failed(self, flow: http.HTTPFlow) -> None:
         try:
             self._waiting.pop(flow.id, None)
             self._connecting.pop(flow.client_conn.id, None)
