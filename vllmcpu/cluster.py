@@ -20,6 +20,20 @@ What it does:
 - stops everything it started (each child is its own process group) on SIGINT, SIGTERM,
   SIGHUP, when its parent dies, or when a child dies. Children also get SIGTERM from the
   kernel if this process dies without cleaning up (PR_SET_PDEATHSIG).
+- LMCache workers send the controller a heartbeat every ``--heartbeat`` seconds, on the
+  controller's heartbeat port: a restarted controller learns from it that a worker exists,
+  registers it and asks it for a full sync of what it holds (lmcache 0.5.6 registers a
+  worker only once, at start, and otherwise forgets it across a controller restart). A
+  worker stores nothing while it syncs ("freeze mode"), so the sync is made short (no
+  random start delay up to 5 s, status polled every 0.2 s, not 5 s) and "healthy" waits
+  for the one every worker makes when the controller starts.
+- with ``--control``, it reads commands on stdin, one a line, so a test can fail one part
+  and bring it back: ``kill ID`` (SIGKILL its process group), ``stop ID`` (SIGTERM, wait),
+  ``start ID`` (the same command line: same port, same instance id); ID is an engine id or
+  ``controller``. Each is answered by one ``[vllm-cluster] control {json}`` line on stdout,
+  and a restarted part by ``[vllm-cluster] up {json}`` once it is healthy (an engine:
+  ``/health`` answers and it is registered with the controller). A part stopped this way
+  is not a failure; any other death still stops the cluster.
 
 Every socket is on 127.0.0.1 and every temp file under ``--state-dir``: ``run/`` (logs,
 TMPDIR, Prometheus and RPC files; wiped at start) and ``cache/`` (vLLM / torch compile
@@ -34,11 +48,13 @@ import ctypes
 import fcntl
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,11 +67,24 @@ PREFIX = "[vllm-cluster]"
 MARKER = ".vllm-cluster-state"
 PR_SET_PDEATHSIG = 1
 CONNECTOR_CLASS = "LMCacheCPUConnectorV1"
+# lmcache 0.5.6's log lines for a full sync (this harness is tied to that release): the
+# controller asks every worker for one when it starts; the worker stores nothing while it
+# is frozen for it, so nothing served in that window ever reaches the controller
+SYNC_DONE = "Full sync completion threshold reached"  # controller: enough workers synced
+FREEZE_IN = "Entering freeze mode for full sync"  # worker: stores paused
+FREEZE_OUT = "Exiting freeze mode after full sync"  # worker: stores resume
 CONNECTOR_MODULE = "vllmcpu.lmcache_cpu_connector"
 
 
 def say(msg: str) -> None:
     print(f"{PREFIX} {msg}", file=sys.stderr, flush=True)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 # ------------------------------------------------------------------ processes
@@ -171,6 +200,28 @@ def free_ports(n: int, avoid: set[int]) -> list[int]:
     return ports
 
 
+def listening(port: int) -> bool:
+    """Whether something still listens on the port. SO_REUSEADDR, as the servers set it:
+    connections the dead process left in TIME_WAIT do not stop a restart binding."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def wait_port_free(port: int, timeout: float = 10.0) -> bool:
+    """A killed process's listener can linger a moment; a restart must not race it."""
+    end = time.monotonic() + timeout
+    while listening(port):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def port_in_use(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -223,6 +274,8 @@ class Cluster:
     engines: list[Engine] = field(default_factory=list)
     controller: Child | None = None
     ctl_ports: dict[str, int] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    syncs_before: dict[str, int] = field(default_factory=dict)  # at a controller restart
 
     @property
     def children(self) -> list[Child]:
@@ -274,7 +327,8 @@ class Cluster:
         p = self.ctl_ports
         args = [sys.executable, "-m", "lmcache.v1.api_server", "--host", "127.0.0.1",
                 "--port", str(p["http"]), "--monitor-ports",
-                json.dumps({"pull": p["pull"], "reply": p["reply"]})]
+                json.dumps({"pull": p["pull"], "reply": p["reply"],
+                            "heartbeat": p["heartbeat"]})]
         return Child("controller", args, env, self.state / "run" / "controller.log")
 
     # ---- engines
@@ -305,6 +359,8 @@ class Cluster:
                 "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log"]
         if not a.compile:
             args.append("--enforce-eager")
+        if a.kv_blocks:
+            args += ["--num-gpu-blocks-override", str(a.kv_blocks)]
         if a.lmcache:
             p = self.ctl_ports
             env.update({
@@ -316,6 +372,16 @@ class Cluster:
                 "LMCACHE_CONTROLLER_PULL_URL": f"127.0.0.1:{p['pull']}",
                 "LMCACHE_CONTROLLER_REPLY_URL": f"127.0.0.1:{p['reply']}",
                 "LMCACHE_LMCACHE_WORKER_PORTS": str(e.worker_port),
+                # heartbeats (to the port the controller names when the worker registers)
+                # are how a restarted controller finds its workers again
+                "LMCACHE_LMCACHE_WORKER_HEARTBEAT_TIME": str(a.heartbeat),
+                "LMCACHE_LMCACHE_WORKER_HEARTBEAT_DELAY_TIME": str(a.heartbeat),
+                # a full sync freezes the worker's stores until it is over: keep it short;
+                # a controller gone mid-request: give up on the socket after 5 s, not 30
+                "LMCACHE_EXTRA_CONFIG": json.dumps({
+                    "full_sync_startup_delay_s": 0.2, "full_sync_status_poll_interval_s": 0.2,
+                    "worker_socket_recv_timeout_ms": 5000,
+                    "worker_socket_send_timeout_ms": 2000}),
                 "LMCACHE_INTERNAL_API_SERVER_ENABLED": "False",
                 "LMCACHE_LOG_LEVEL": a.log_level,
             })
@@ -351,6 +417,18 @@ class Cluster:
             "routes": [{"prefix": "/", "cluster": "vllm"}],
         }
 
+    def synced(self) -> bool:
+        """The controller's start-up full sync is over and no worker is frozen for one."""
+        if not self.args.lmcache:
+            return True
+        if self.controller is None or SYNC_DONE not in _read(self.controller.log):
+            return False
+        for e in self.engines:
+            text = _read(e.child.log) if e.child else ""
+            if text.count(FREEZE_IN) > text.count(FREEZE_OUT):
+                return False
+        return True
+
     def controller_up(self) -> bool:
         status, _ = http("POST", f"http://127.0.0.1:{self.ctl_ports['http']}/lookup",
                          {"tokens": [1]})
@@ -384,8 +462,79 @@ class Cluster:
             p = self.ctl_ports
             info["controller"] = {"url": f"http://127.0.0.1:{p['http']}", "port": p["http"],
                                   "pull": p["pull"], "reply": p["reply"],
+                                  "heartbeat": p["heartbeat"],
                                   "pid": self.controller.pid, "log": str(self.controller.log)}
         return info
+
+    # ---- control (--control): fail one part, bring it back
+
+    def part(self, name: str) -> tuple[Child | None, Engine | None]:
+        if name == "controller":
+            return self.controller, None
+        e = next((e for e in self.engines if e.id == name), None)
+        return (e.child if e else None), e
+
+    def control(self, line: str, down: set[str], coming: dict[str, float]) -> dict[str, Any]:
+        """Run one ``kill|stop|start ID`` command; ``down`` holds what was stopped on
+        purpose, ``coming`` what was restarted and is not healthy yet (with its start)."""
+        words = line.split()
+        if len(words) != 2 or words[0] not in ("kill", "stop", "start"):
+            return {"ok": False, "error": "usage: kill|stop|start ID", "line": line}
+        cmd, name = words
+        child, engine = self.part(name)
+        out: dict[str, Any] = {"cmd": cmd, "id": name}
+        if child is None:
+            return {**out, "ok": False, "error": f"no part {name!r}"}
+        if cmd in ("kill", "stop"):
+            down.add(name)
+            coming.pop(name, None)
+            if cmd == "kill":
+                child.signal_group(signal.SIGKILL)
+                if child.proc is not None:
+                    child.proc.wait()
+                end = time.monotonic() + 10  # its other processes go a moment later
+                while child.group_alive() and time.monotonic() < end:
+                    time.sleep(0.05)
+            else:
+                stop_all([child])
+            return {**out, "ok": True, "pid": child.pid, "alive": child.group_alive()}
+        if child.group_alive():
+            return {**out, "ok": False, "error": f"{name} is running"}
+        ports = [engine.port, engine.worker_port] if engine else list(self.ctl_ports.values())
+        busy = [p for p in ports if not wait_port_free(p)]
+        if busy:
+            return {**out, "ok": False, "error": f"ports still in use: {busy}"}
+        if engine is not None:
+            engine.healthy = engine.registered = False
+        else:  # every worker must sync again with the new controller
+            self.syncs_before = {e.id: _read(e.child.log).count(FREEZE_OUT)
+                                 for e in self.engines if e.child}
+        # a log per life: the first one's last lines stay readable
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        child.log = self.state / "run" / f"{name}.restart{self.restarts[name]}.log"
+        child.start()
+        down.discard(name)
+        coming[name] = time.monotonic()
+        return {**out, "ok": True, "pid": child.pid, "log": str(child.log)}
+
+    def came_up(self, name: str) -> bool:
+        """A restarted controller: it answers and every worker has re-registered (on its
+        next heartbeat) and sent it a full sync of what it holds. A restarted engine:
+        healthy, registered, not frozen for a sync."""
+        child, engine = self.part(name)
+        if engine is None:
+            return (self.controller_up() and all(self.registered(e) for e in self.engines)
+                    and self.synced()
+                    and all(_read(e.child.log).count(FREEZE_OUT) > self.syncs_before.get(e.id, -1)
+                            for e in self.engines if e.child))
+        if not engine.healthy:
+            engine.healthy = http("GET", engine.url + "/health", timeout=1.0)[0] == 200
+        if engine.healthy and self.args.lmcache and not engine.registered:
+            engine.registered = self.registered(engine)
+        if not (engine.healthy and (engine.registered or not self.args.lmcache)):
+            return False
+        text = _read(child.log) if child else ""
+        return text.count(FREEZE_IN) <= text.count(FREEZE_OUT)
 
 
 # ------------------------------------------------------------------ state dir
@@ -414,6 +563,13 @@ class Stop(Exception):
     pass
 
 
+def _read_commands(out: queue.Queue[str]) -> None:
+    """stdin lines to the main loop (which alone touches the children)."""
+    for line in sys.stdin:
+        if line.strip():
+            out.put(line.strip())
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="scripts/vllm-cluster",
@@ -429,6 +585,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="LMCache controller HTTP port; default: a free port")
     p.add_argument("--pull-port", type=int, default=0, help="controller ZMQ pull port")
     p.add_argument("--reply-port", type=int, default=0, help="controller ZMQ reply port")
+    p.add_argument("--heartbeat-port", type=int, default=0,
+                   help="controller ZMQ heartbeat port")
+    p.add_argument("--heartbeat", type=int, default=1,
+                   help="seconds between an LMCache worker's heartbeats (whole seconds)")
+    p.add_argument("--control", action="store_true",
+                   help="read kill|stop|start ID commands on stdin (for tests)")
     p.add_argument("--lmcache", dest="lmcache", action="store_true", default=True,
                    help="LMCache in each engine + the controller (the default)")
     p.add_argument("--no-lmcache", dest="lmcache", action="store_false",
@@ -443,6 +605,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cores", default="",
                    help="comma-separated cores, one per engine in turn (default 0..ncpu-1)")
     p.add_argument("--kv-space-gb", type=float, default=1, help="VLLM_CPU_KVCACHE_SPACE")
+    p.add_argument("--kv-blocks", type=int, default=0,
+                   help="KV blocks (of 128 tokens) per engine, vLLM's "
+                        "--num-gpu-blocks-override (default: what --kv-space-gb holds); "
+                        "small, so that where a prompt was served matters")
     p.add_argument("--lmcache-cpu-gb", type=float, default=1,
                    help="LMCACHE_MAX_LOCAL_CPU_SIZE per engine")
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -476,7 +642,8 @@ def plan(cluster: Cluster) -> None:
     ncpu = len(os.sched_getaffinity(0))
     cores = [int(c) for c in a.cores.split(",") if c.strip()] or list(range(ncpu))
     given = [a.port + i for i in range(a.engines)] if a.port else []
-    given += [p for p in (a.controller_port, a.pull_port, a.reply_port) if p]
+    given += [p for p in (a.controller_port, a.pull_port, a.reply_port, a.heartbeat_port)
+              if p]
     for p in given:
         if port_in_use(p):
             raise SystemExit(f"{PREFIX} port {p} is in use")
@@ -484,7 +651,7 @@ def plan(cluster: Cluster) -> None:
     eports = given[:a.engines] if a.port else free_ports(a.engines, taken)
     taken |= set(eports)
     for key, port in (("http", a.controller_port), ("pull", a.pull_port),
-                      ("reply", a.reply_port)):
+                      ("reply", a.reply_port), ("heartbeat", a.heartbeat_port)):
         cluster.ctl_ports[key] = port or free_ports(1, taken)[0]
         taken.add(cluster.ctl_ports[key])
     wports = free_ports(a.engines, taken)
@@ -559,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
                 if a.lmcache and ctl_up and not e.registered:
                     e.registered = cluster.registered(e)
             done = ctl_up and all(e.healthy and (e.registered or not a.lmcache)
-                                  for e in cluster.engines)
+                                  for e in cluster.engines) and cluster.synced()
             elapsed = time.monotonic() - t0
             if done:
                 break
@@ -573,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
                     parts.append(f"{e.id} {s}")
                 if a.lmcache:
                     parts.append("controller " + ("up" if ctl_up else "starting"))
+                    if all(e.registered for e in cluster.engines):
+                        parts.append("first full sync " + ("over" if cluster.synced()
+                                                           else "running"))
                 say(f"waiting {elapsed:.0f}s: " + "; ".join(parts))
             if elapsed > a.timeout:
                 say(f"not healthy after {a.timeout:.0f} s")
@@ -587,12 +757,30 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
         # ---- serve until told to stop
+        commands: queue.Queue[str] = queue.Queue()
+        if a.control:
+            threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()
+        down: set[str] = set()  # stopped on purpose (--control)
+        coming: dict[str, float] = {}  # restarted, not healthy yet
         while True:
-            time.sleep(0.5)
+            time.sleep(0.1 if coming else 0.5)
             if os.getppid() != parent:
                 raise Stop("parent died")
+            while not commands.empty():
+                line = commands.get()
+                answer = cluster.control(line, down, coming)
+                say(f"control: {line} -> {answer}")
+                print(f"{PREFIX} control " + json.dumps(answer), flush=True)
+            for name, since in list(coming.items()):
+                if cluster.came_up(name):
+                    del coming[name]
+                    child, _ = cluster.part(name)
+                    up = {"id": name, "pid": child.pid if child else 0,
+                          "seconds": round(time.monotonic() - since, 1)}
+                    say(f"{name} is back: {up}")
+                    print(f"{PREFIX} up " + json.dumps(up), flush=True)
             for c in cluster.children:
-                if not c.alive():
+                if c.name not in down and not c.alive():
                     say(f"{c.name} exited with {c.proc.returncode if c.proc else '?'}; "
                         f"last lines of {c.log}:\n{c.tail()}")
                     return 1

@@ -29,6 +29,9 @@ What it does, loaded by vLLM through
 - It keeps LMCache's controller worker on loopback: stock 0.5.6 binds the worker's REP
   socket on ``*:port`` and registers the machine's outward IP (``get_ip()``); here it binds
   ``127.0.0.1:port`` and registers ``127.0.0.1``.
+- It opens the worker's register and heartbeat sockets with ``ZMQ_IMMEDIATE``, working
+  around a 0.5.6 race that leaves a worker unsynced after a controller restart (see
+  ``install``). Stock LMCache on GPUs has that race.
 """
 
 from __future__ import annotations
@@ -243,6 +246,30 @@ def install() -> None:
 
     worker.get_zmq_socket = loopback_socket
     worker.get_ip = lambda: LOOPBACK  # the address the controller is told to call back on
+
+    import zmq
+
+    def immediate_socket(context: Any, socket_path: str, protocol: str, role: Any,
+                         bind_or_connect: str, recv_timeout_ms: int,
+                         send_timeout_ms: int) -> Any:
+        """The worker's DEALER sockets to the controller (register, heartbeat) with
+        ZMQ_IMMEDIATE: no message is queued while the controller is down. Stock 0.5.6
+        queues a heartbeat then, gives up on it after its receive timeout and opens a new
+        socket; a controller that comes back in between registers the worker from that
+        stale heartbeat and answers it with the full-sync request, which is lost with the
+        old socket. The worker is never asked again (lmcache 0.5.6 counts a worker that
+        never started a sync as synced), so the controller never learns what it holds."""
+        sock = context.socket(role)
+        if bind_or_connect != "connect":
+            sock.close(linger=0)
+            raise ValueError("the worker's timed sockets connect")
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RCVTIMEO, recv_timeout_ms)
+        sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+        sock.connect(f"{protocol}://{socket_path}")
+        return sock
+
+    worker.get_zmq_socket_with_timeout = immediate_socket
     _patched = True
 
 

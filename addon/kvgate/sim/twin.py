@@ -31,18 +31,17 @@ class TwinController(StubApp):
         self.registered_at: dict[str, float] = {}
 
     def lookup(self, tokens: list[int]) -> dict[str, list[Any]]:
-        """Per instance, the tokens of the longest run of leading chunks it holds."""
-        keys = chunk_keys(tokens)
+        """As lmcache 0.5.6 answers: chunk by chunk, the first registered instance that
+        holds the chunk is credited up to its end; the walk stops at the first chunk nobody
+        holds. So when two engines hold the same prefix only the earlier registered one is
+        named (an instance is named with the end of the last chunk credited to it)."""
         out: dict[str, list[Any]] = {}
         with self.lock:
-            for instance_id, held in self.held.items():
-                matched = 0
-                for _, end, key in keys:
-                    if key not in held:
-                        break
-                    matched = end
-                if matched:
-                    out[instance_id] = [LOCATION, matched]
+            for _, end, key in chunk_keys(tokens):
+                holder = next((iid for iid, held in self.held.items() if key in held), None)
+                if holder is None:
+                    break
+                out[holder] = [LOCATION, end]
         return out
 
     def _forward(self, instance_id: str, action: dict[str, Any]) -> dict[str, Any]:
