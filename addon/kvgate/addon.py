@@ -69,6 +69,20 @@ def _warn_if_exposed() -> None:
                     ", ".join(exposed))
 
 
+def _connect_lazily() -> None:
+    """mitmproxy's default (``connection_strategy=eager``) connects each client's
+    connection to the reverse-mode target before any request is read: with kvgate
+    choosing the engine per request, a dead target would fail every request, whichever
+    engine kvgate picks. Lazy connects to the engine kvgate chose."""
+    try:
+        if ctx.options.connection_strategy == "eager":
+            ctx.options.update(connection_strategy="lazy")
+            log.info("[kvcache] connection_strategy set to lazy: kvgate picks each "
+                     "request's engine, mitmproxy connects to it then")
+    except (AttributeError, KeyError, exceptions.OptionsError):  # no proxy server loaded
+        return
+
+
 class KVCacheAddon:
     def __init__(self) -> None:
         self.gateway: Gateway | None = None
@@ -140,6 +154,7 @@ class KVCacheAddon:
             # At start-up an error logged here makes mitmproxy exit (errorcheck addon).
             log.error("%s", exc)
             return
+        _connect_lazily()
         kv = cfg.kvcache
         log.info(
             "[kvcache] config %s: enabled=%s, clusters=%s, route_on_miss=%s",

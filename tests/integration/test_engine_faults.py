@@ -40,7 +40,7 @@ def _quiet_fleet(stubs: Stubs, **kv: Any) -> dict[str, Any]:
 
 
 def _mode(stubs: Stubs) -> str:
-    """A reverse target that accepts (mitmproxy connects to it eagerly)."""
+    """A reverse target that accepts (only mitmproxy's opening of its listener needs it)."""
     return f"reverse:http://127.0.0.1:{stubs.ports['vllm-3']}"
 
 
@@ -89,6 +89,17 @@ def test_a_refused_connect_goes_to_another_engine(stubs: Stubs, mitm) -> None:
     assert "vllm-2" not in {r.json()["engine"] for r in answers}
     lines = [ln for ln in gw.log().splitlines() if "vllm-2 ejected" in ln]
     assert len(lines) == 1 and "refused" in lines[0]  # one event, one line
+
+
+def test_a_dead_reverse_target_costs_no_request(stubs: Stubs, mitm) -> None:
+    """mitmproxy's default connects every client connection to the reverse target before
+    a request is read; kvgate routes per request, so it sets connection_strategy=lazy:
+    with the target's engine gone, requests go where kvgate sends them."""
+    stubs.engines["vllm-1"].stop()
+    gw = mitm(_quiet_fleet(stubs), mode=f"reverse:http://127.0.0.1:{stubs.ports['vllm-1']}")
+    statuses = [_post(gw).status_code for _ in range(6)]
+    assert statuses == [200] * 6
+    assert "connection_strategy set to lazy" in gw.log()
 
 
 def test_mitmproxy_itself_cannot_retry_a_failed_connect(stubs: Stubs, mitm) -> None:

@@ -168,3 +168,21 @@ def test_expired_deadline_check_raises() -> None:
     assert d.done
     with pytest.raises(Cancelled):
         d.check()
+
+
+def test_an_answer_that_touched_no_token_is_a_noop_not_a_success(controller,
+                                                                lmcache_factory) -> None:
+    """lmcache 0.5.6 answers a compression method it refuses (zstd) with 200 and 0 tokens."""
+    lm = lmcache_factory()
+    original = controller.serve
+
+    def refusing(h, method, path, body, raw):  # type: ignore[no-untyped-def]
+        if path == "/compress":
+            h._send(200, {"event_id": "e", "num_tokens": 0})
+            return
+        original(h, method, path, body, raw)
+
+    controller.serve = refusing
+    decision = strategy.Decision(compress=True, pin=True)
+    results = strategy.execute(decision, [1, 2], CFG, lm, Deadline(5.0))
+    assert [(r.action, r.result) for r in results] == [("compress", "noop"), ("pin", "ok")]

@@ -302,8 +302,8 @@ def test_pin_and_compress_from_the_gateway_against_the_real_workers(
     inside the engine that holds it. The pin reaches the worker: the controller answers
     with the worker's count of pinned tokens. The compress (kvgate's default method, zstd)
     is refused by LMCache 0.5.6, which knows only ``cachegen``: the worker logs it and
-    answers 0 tokens. kvgate does not read ``num_tokens``, so it counts that refusal as
-    ``result="ok"``: asserted as it is. Routing is unaffected throughout.
+    answers 0 tokens, which kvgate counts as ``result="noop"`` (answered, nothing touched),
+    not as a success. Routing is unaffected throughout.
 
     Not tried here: ``compress_method: cachegen``. It does compress on the CPU (the worker
     answers the full count), but the next LMCache load of that content hands vLLM a
@@ -382,4 +382,4 @@ def test_pin_and_compress_from_the_gateway_against_the_real_workers(
         "Unsupported compression method: zstd") - refusals_before
     assert refusals == len(compresses)
     assert {k: v for k, v in done.items() if k[0] == "compress"} == {
-        ("compress", "ok"): len(compresses)}
+        ("compress", "noop"): len(compresses)}

@@ -79,7 +79,7 @@ class Targets:
 @dataclass(frozen=True)
 class ActionResult:
     action: str
-    result: str  # ok | error | unsupported | skipped
+    result: str  # ok | noop (answered, no token touched) | error | unsupported | skipped
 
 
 def execute(
@@ -113,7 +113,7 @@ def execute(
             results.append(ActionResult(name, "unsupported"))
             continue
         try:
-            call()
+            answer = call()
         except Unsupported:
             results.append(ActionResult(name, "unsupported"))
             continue
@@ -121,8 +121,15 @@ def execute(
             log.warning("[kvcache] %s failed: %s", name, exc)
             results.append(ActionResult(name, "error"))
             break
-        results.append(ActionResult(name, "ok"))
+        results.append(ActionResult(name, "noop" if _did_nothing(answer, tokens) else "ok"))
     return results
+
+
+def _did_nothing(answer: object, tokens: Sequence[int]) -> bool:
+    """A 200 that touched no token: lmcache 0.5.6 answers so for a compression method it
+    refuses (zstd) or content nobody holds; not an error, not a success either."""
+    return (bool(tokens) and isinstance(answer, dict)
+            and answer.get("num_tokens") == 0)
 
 
 def offload(action: str, instance_id: str, tokens: Sequence[int], cfg: CacheStrategyConfig,
