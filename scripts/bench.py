@@ -1,302 +1,243 @@
-"""kvgate's routing benchmark: four workloads, four policies, one simulated cluster shape.
+"""kvgate's routing benchmark: open-loop load on a simulated cluster, kvgate against the
+open routers, on the same cluster and the same request stream.
 
-Every (workload, policy) pair gets a fresh simulated cluster (4 engines, twin controller,
-GPU and CPU-tier capacities below the working set) and a fresh mitmdump with the addon,
-and plays the same deterministic request stream (from --seed) with the same clients.
+For each workload (``benchlib/workloads.py``) it starts the cluster its workload asks for
+(one process per engine and the twin controller), measures its capacity (requests/s with
+every batch slot busy and no router: each request to the next engine in turn), then for
+each offered load (a fraction of that capacity) and each router plays the same stream
+open-loop: sessions arrive by a Poisson (or bursty) process, streamed requests, the
+cluster reset to empty before every run. Routers alternate their order from one load to
+the next, so that a drifting machine favours nobody.
 
-Policies:
-  round_robin   the balancer alone (enabled: false)
-  seed          the seed's algorithm: route only on an exact-prompt token-cache hit,
-                to the longest LMCache match (policy longest_prefix, route_on_miss false)
-  kvgate        the default configuration
-  pooled_bound  one engine with the cache capacity and batch slots of all four: the
-                hit-ratio and TTFT limit no router can beat
-  loadaware, cache_aware
-                kvgate with that routing policy (production-stack's score; SGLang-style
-                approximate tree), on request with --policies
+Per run: client-side TTFT (wall clock, the router's own time included) p50/p90/p99 with
+a 95% bootstrap interval on p99; the engines' model TTFT; goodput (requests meeting the
+workload's TTFT objective, per second of arrivals); prefix-hit ratio from the engines'
+``cached_tokens``; imbalance (max over mean of the engines' busy time); failures.
 
-Metrics: prefix-hit ratio (cached prompt tokens / prompt tokens, from the engines' usage),
-TTFT p50/p99 (the engines' modelled TTFT, model ms), load imbalance (max over mean of the
-engines' busy time), failed requests. Writes results.json, results.md and PNG charts.
+Writes DIR/results.json (schema in docs/bench/README.md), DIR/results.md and charts
+(TTFT p99 and goodput against offered load, a panel per workload, a line per router).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import datetime
 import json
+import math
 import os
 import platform
 import random
 import signal
-import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-import requests
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "addon"))
-from kvgate.sim.cli import start_on_free_ports  # noqa: E402
-from kvgate.sim.engine import EngineParams  # noqa: E402
-from kvgate.sim.run import gateway  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib.client import closed_loop, open_loop  # noqa: E402
+from benchlib.cluster import ROOT, SimCluster, engine_params  # noqa: E402
+from benchlib.routers import ROUTERS, Router, start  # noqa: E402
+from benchlib.stats import summarise  # noqa: E402
+from benchlib.workloads import WORKLOADS, Workload  # noqa: E402
 
-POLICIES = ("round_robin", "seed", "kvgate", "pooled_bound")
-PLUG_INS = ("loadaware", "cache_aware")  # further kvgate policies, compared on request
-ENGINES = 4
-
-
-# ---------------------------------------------------------------- workloads
-# A workload is a list of client scripts; a script is a list of steps run in order. A step
-# builds its request body from the conversation state, so multi-turn histories grow with
-# the answers actually received.
-
-Step = Callable[[dict], dict]
+SCHEMA = "kvgate-bench/2"
+DEFAULT_ROUTERS = ("round_robin", "kvgate", "vllm-router:cache_aware",
+                   "vllm-router:power_of_two", "sglang:cache_aware", "sglang:power_of_two")
+QUICK_ROUTERS = ("round_robin", "kvgate", "vllm-router:cache_aware", "sglang:cache_aware")
+LOST_ENGINE = 1  # engine_lost kills vllm-2
 
 
-@dataclass
-class Workload:
-    name: str
-    clients: list[list[Step]]
-    note: str
+def fault_for(wl: Workload, cluster: SimCluster) -> Callable[[float], Awaitable[None]] | None:
+    if wl.fault != "lose_engine":
+        return None
 
-    @property
-    def requests(self) -> int:
-        return sum(len(c) for c in self.clients)
+    async def lose_and_restore(seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(seconds / 3)
+        await loop.run_in_executor(None, cluster.lose, LOST_ENGINE)
+        await asyncio.sleep(seconds / 3)
+        await loop.run_in_executor(None, cluster.restore, LOST_ENGINE)
 
-
-def _words(rng: random.Random, n: int) -> str:
-    return " ".join(f"w{rng.randrange(20000)}" for _ in range(n))
-
-
-def multi_turn_chat(rng: random.Random, scale: float) -> Workload:
-    # the working set must exceed the engines' capacity even in --quick: keep all 48
-    convs, turns, clients = 48, 5 if scale >= 1 else 4, 8
-    systems = [_words(rng, 800) for _ in range(convs)]
-    questions = [[_words(rng, 60) for _ in range(turns)] for _ in range(convs)]
-
-    def turn(c: int, t: int) -> Step:
-        def step(state: dict) -> dict:
-            hist = state.setdefault(c, [{"role": "system", "content": systems[c]}])
-            hist.append({"role": "user", "content": questions[c][t]})
-            return {"messages": list(hist), "_conv": c}
-        return step
-
-    # each client owns every clients-th conversation and interleaves them turn by turn
-    scripts = [[turn(c, t) for t in range(turns) for c in range(k, convs, clients)]
-               for k in range(clients)]
-    return Workload("multi_turn_chat", scripts,
-                    f"{convs} conversations x {turns} turns, 800-token system prompts, "
-                    f"{clients} clients")
+    return lose_and_restore
 
 
-def hot_prefix(rng: random.Random, scale: float) -> Workload:
-    n, clients = int(320 * scale), 32
-    systems = [_words(rng, 1000) for _ in range(6)]
-    weights = [1 / (i + 1) ** 1.2 for i in range(len(systems))]  # Zipf
-    scripts: list[list[Step]] = [[] for _ in range(clients)]
-    for i in range(n):
-        sys_prompt = rng.choices(systems, weights)[0]
-        q = _words(rng, 30)
-        scripts[i % clients].append(
-            lambda state, s=sys_prompt, q=q: {"messages": [{"role": "system", "content": s},
-                                                           {"role": "user", "content": q}]})
-    return Workload("hot_prefix", scripts,
-                    f"{n} short questions over 6 Zipf-popular 1000-token system prompts, "
-                    f"{clients} clients")
+def make(name: str, seed: str, n: int, speed: float) -> Workload:
+    wl = WORKLOADS[name](random.Random(seed), n)
+    wl.params["time_scale"] /= speed
+    for extra in wl.per_engine.values():
+        if "time_scale" in extra:
+            extra["time_scale"] /= speed
+    wl.slo_ms /= speed
+    return wl
 
 
-def rag(rng: random.Random, scale: float) -> Workload:
-    n, clients = int(240 * scale), 8
-    docs = [_words(rng, 1500) for _ in range(40)]
-    scripts: list[list[Step]] = [[] for _ in range(clients)]
-    for i in range(n):
-        doc = docs[min(int(rng.expovariate(1 / 10)), len(docs) - 1)]
-        q = _words(rng, 40)
-        scripts[i % clients].append(
-            lambda state, d=doc, q=q: {"prompt": f"Context: {d}\nQuestion: {q}\nAnswer:"})
-    return Workload("rag", scripts,
-                    f"{n} questions over 40 documents of 1500 tokens, {clients} clients")
-
-
-def unique(rng: random.Random, scale: float) -> Workload:
-    n, clients = int(240 * scale), 8
-    scripts: list[list[Step]] = [[] for _ in range(clients)]
-    for i in range(n):
-        p = _words(rng, 600)
-        scripts[i % clients].append(lambda state, p=p: {"prompt": p})
-    return Workload("unique", scripts, f"{n} prompts of 600 tokens, no reuse, {clients} clients")
-
-
-WORKLOADS = {"multi_turn_chat": multi_turn_chat, "hot_prefix": hot_prefix, "rag": rag,
-             "unique": unique}
-
-
-# ---------------------------------------------------------------- running
-
-
-@dataclass
-class Tally:
-    ttft: list[float] = field(default_factory=list)
-    prompt: int = 0
-    cached: int = 0
-    failed: int = 0
-
-
-def play(port: int, wl: Workload, bar: tqdm) -> Tally:
-    tally = Tally()
-    lock = threading.Lock()
-
-    def client(script: list[Step]) -> None:
-        session = requests.Session()
-        session.trust_env = False
-        state: dict = {}
-        for step in script:
-            body = step(state)
-            conv = body.pop("_conv", None)
-            chat = "messages" in body
-            body.update({"model": "sim-8b", "max_tokens": 16})
-            url = f"http://127.0.0.1:{port}/v1/{'chat/' if chat else ''}completions"
-            try:
-                r = session.post(url, json=body, timeout=120)
-                r.raise_for_status()
-                out = r.json()
-                ttft = float(r.headers["x-sim-ttft-ms"])
-            except (requests.RequestException, ValueError, KeyError):
-                with lock:
-                    tally.failed += 1
-                bar.update(1)
-                continue
-            if conv is not None:
-                state[conv].append({"role": "assistant",
-                                    "content": out["choices"][0]["message"]["content"]})
-            usage = out["usage"]
-            with lock:
-                tally.ttft.append(ttft)
-                tally.prompt += usage["prompt_tokens"]
-                tally.cached += usage["prompt_tokens_details"]["cached_tokens"]
-            bar.update(1)
-
-    # daemon: an interrupted run must not wait at exit for clients still mid-request
-    threads = [threading.Thread(target=client, args=(s,), daemon=True) for s in wl.clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return tally
-
-
-def engine_params(pooled: bool, time_scale: float) -> EngineParams:
-    k = ENGINES if pooled else 1
-    return EngineParams(gpu_tokens=12_000 * k, cpu_tokens=16_000 * k, batch_slots=4 * k,
-                        max_output=16, time_scale=time_scale)
-
-
-def run_one(wl: Workload, policy: str, time_scale: float) -> dict:
-    pooled = policy == "pooled_bound"
-    cluster = start_on_free_ports(1 if pooled else ENGINES, engine_params(pooled, time_scale))
-    try:
-        cfg = cluster.config()
-        kv = cfg["kvcache"]
-        kv["debug_headers"] = False
-        if policy in ("round_robin", "pooled_bound"):
-            kv["enabled"] = False
-        elif policy == "kvgate" and os.environ.get("KVGATE_BENCH_KV"):
-            kv.update(json.loads(os.environ["KVGATE_BENCH_KV"]))  # experiments only
-        elif policy == "seed":
-            kv.update({"policy": "longest_prefix", "route_on_miss": False, "lookup_cache_ttl": 0})
-        elif policy in PLUG_INS:
-            kv["policy"] = policy
-        with gateway(cfg, kv["vllm_endpoint"]) as port, \
-                tqdm(total=wl.requests, desc=f"{wl.name:>15} {policy:<12}", unit="req",
-                     ncols=90, leave=False) as bar:
+def play_cell(wl_name: str, load: float, capacity: float, routers: list[Router],
+              cluster: SimCluster, args: argparse.Namespace, log_dir: Path,
+              bar: tqdm) -> list[dict[str, Any]]:
+    """Every router on one (workload, load): the same stream, each on a reset cluster."""
+    rate = load * capacity
+    rows = []
+    for rep in range(args.repeats):
+        seed = f"{args.seed}:{wl_name}:{load}:{rep}"
+        n = math.ceil(rate * args.seconds * 1.5) + 8
+        wl = make(wl_name, seed, n, args.speed)
+        for router in routers:
+            cluster.reset()
             t0 = time.monotonic()
-            tally = play(port, wl, bar)
-            wall = time.monotonic() - t0
-        busy = [e.busy_ms for e in cluster.engines.values()]
+            with start(router, cluster, log_dir) as running:
+                records, window = asyncio.run(open_loop(
+                    running.url, wl, rate, args.seconds, args.arrival, random.Random(seed),
+                    wl.params["max_output"], fault_for(wl, cluster)))
+                routes = running.routes()
+            row = summarise(records, window, wl.slo_ms, cluster.busy_seconds())
+            if routes:
+                row["routes"] = routes
+            row.update({"workload": wl_name, "load": load, "router": router.name,
+                        "offered_rps": round(rate, 2), "repeat": rep,
+                        "wall_s": round(time.monotonic() - t0, 1)})
+            rows.append(row)
+            bar.set_postfix_str(f"{wl_name} {load:.0%} {router.name}")
+            bar.update(1)
+        routers = routers[::-1]  # alternate the order
+    return rows
+
+
+def run_workload(name: str, loads: list[float], routers: list[Router],
+                 args: argparse.Namespace, log_dir: Path,
+                 bar: tqdm) -> tuple[float, list[dict[str, Any]]]:
+    probe = make(name, f"{args.seed}:{name}:capacity", 4000, args.speed)
+    cluster = SimCluster(engine_params(probe.params, probe.per_engine, probe.engines), log_dir)
+    cluster.start()
+    try:
+        capacity = asyncio.run(closed_loop(cluster.urls, probe, 2 * probe.slots,
+                                           args.capacity_seconds, probe.params["max_output"]))
+        rows = []
+        for i, load in enumerate(loads):
+            order = routers if i % 2 == 0 else routers[::-1]
+            rows += play_cell(name, load, capacity, order, cluster, args, log_dir, bar)
+        return capacity, rows
     finally:
         cluster.stop()
-    ttft = sorted(tally.ttft)
-    mean_busy = statistics.mean(busy) if busy else 0.0
-    return {
-        "prefix_hit_ratio": round(tally.cached / tally.prompt, 4) if tally.prompt else 0.0,
-        "ttft_p50_ms": round(statistics.median(ttft), 1) if ttft else None,
-        "ttft_p99_ms": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 1)
-        if ttft else None,
-        "imbalance": round(max(busy) / mean_busy, 3) if mean_busy else 1.0,
-        "failed": tally.failed,
-        "wall_s": round(wall, 1),
-    }
 
 
-def check_targets(res: dict) -> list[str]:
-    out: list[str] = []
-    if any(set(POLICIES) - set(by) for by in res.values()):
-        return out  # the targets compare all four
+# ---------------------------------------------------------------- reporting
+
+
+def best_peer(rows: list[dict], key: Any, lower: bool) -> tuple[str, float] | None:
+    peers = [(r["router"], key(r)) for r in rows if ROUTERS[r["router"]].peer]
+    if not peers:
+        return None
+    return (min if lower else max)(peers, key=lambda p: p[1])
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets at 80% (and goodput at 95%) of capacity, kvgate vs the best peer."""
+    out = []
 
     def line(ok: bool, text: str) -> None:
         out.append(f"[{'met' if ok else 'NOT met'}] {text}")
 
-    m = res.get("multi_turn_chat")
-    if m:
-        kv, seed, rr, pb = m["kvgate"], m["seed"], m["round_robin"], m["pooled_bound"]
-        line(kv["prefix_hit_ratio"] >= 0.9 * pb["prefix_hit_ratio"],
-             f"multi_turn_chat hit ratio {kv['prefix_hit_ratio']:.3f} >= 0.9 x pooled "
-             f"{pb['prefix_hit_ratio']:.3f}")
-        line(kv["prefix_hit_ratio"] >= 2 * seed["prefix_hit_ratio"],
-             f"multi_turn_chat hit ratio {kv['prefix_hit_ratio']:.3f} >= 2 x seed "
-             f"{seed['prefix_hit_ratio']:.3f}")
-        line(kv["ttft_p50_ms"] <= 0.35 * rr["ttft_p50_ms"],
-             f"multi_turn_chat TTFT p50 {kv['ttft_p50_ms']} <= 0.35 x round robin "
-             f"{rr['ttft_p50_ms']}")
-    h = res.get("hot_prefix")
-    if h:
-        kv, rr = h["kvgate"], h["round_robin"]
-        line(kv["imbalance"] <= 1.5, f"hot_prefix imbalance {kv['imbalance']} <= 1.5")
-        line(kv["ttft_p99_ms"] <= rr["ttft_p99_ms"],
-             f"hot_prefix TTFT p99 {kv['ttft_p99_ms']} <= round robin {rr['ttft_p99_ms']}")
-    u = res.get("unique")
-    if u:
-        kv, rr = u["kvgate"], u["round_robin"]
-        line(kv["ttft_p50_ms"] <= 1.05 * rr["ttft_p50_ms"],
-             f"unique TTFT p50 {kv['ttft_p50_ms']} within 5% of round robin {rr['ttft_p50_ms']}")
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["workload"], r["load"]), []).append(r)
+    for (wl, load), cell in sorted(cells.items()):
+        kv = next((r for r in cell if r["router"] == "kvgate"), None)
+        if kv is None:
+            continue
+        if abs(load - 0.8) < 1e-9:
+            hit = best_peer(cell, lambda r: r["hit_ratio"], lower=False)
+            p99 = best_peer(cell, lambda r: r["client_ttft_ms"]["p99"], lower=True)
+            good = best_peer(cell, lambda r: r["goodput_rps"], lower=False)
+            if hit:
+                line(kv["hit_ratio"] >= hit[1] - 0.005,
+                     f"{wl} 80%: hit ratio {kv['hit_ratio']:.3f} >= best peer {hit[1]:.3f} "
+                     f"({hit[0]}) - 0.005")
+            if p99:
+                line(kv["client_ttft_ms"]["p99"] <= 0.8 * p99[1],
+                     f"{wl} 80%: client TTFT p99 {kv['client_ttft_ms']['p99']} ms <= 0.8 x "
+                     f"best peer {p99[1]} ({p99[0]})")
+            if good:
+                line(kv["goodput_rps"] >= good[1],
+                     f"{wl} 80%: goodput {kv['goodput_rps']} >= best peer {good[1]} ({good[0]})")
+            rr = next((r for r in cell if r["router"] == "round_robin"), None)
+            if wl == "unique" and rr:
+                line(kv["client_ttft_ms"]["p50"] <= 1.02 * rr["client_ttft_ms"]["p50"],
+                     f"unique 80%: client TTFT p50 {kv['client_ttft_ms']['p50']} within 2% "
+                     f"of round robin {rr['client_ttft_ms']['p50']}")
+        if abs(load - 0.95) < 1e-9:
+            good = best_peer(cell, lambda r: r["goodput_rps"], lower=False)
+            if good:
+                line(kv["goodput_rps"] >= 1.1 * good[1],
+                     f"{wl} 95%: goodput {kv['goodput_rps']} >= 1.1 x best peer {good[1]} "
+                     f"({good[0]})")
     return out
 
 
-def charts(res: dict, out: Path, policies: list[str]) -> None:
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| workload | load | router | hit ratio | client TTFT p50 / p90 / p99 ms "
+             "(p99 95% CI) | engine TTFT p50 / p99 | goodput/s | SLO met | imbalance "
+             "| failed |", "|---|---:|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        c, e = r["client_ttft_ms"], r["engine_ttft_ms"]
+        lines.append(
+            f"| {r['workload']} | {r['load']:.0%} | {r['router']} | {r['hit_ratio']:.3f} | "
+            f"{c['p50']} / {c['p90']} / {c['p99']} ({c['p99_ci95'][0]}-{c['p99_ci95'][1]}) | "
+            f"{e['p50']} / {e['p99']} | {r['goodput_rps']} | {r['slo_met']:.0%} | "
+            f"{r['imbalance']} | {r['failed']} |")
+    return lines
+
+
+def charts(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(res)
-    colors = {"round_robin": "#b0b0b0", "seed": "#e0a040", "kvgate": "#2a7ab0",
-              "pooled_bound": "#60a060", "loadaware": "#a060c0", "cache_aware": "#c06060"}
-    for metric, title in (("prefix_hit_ratio", "prefix-hit ratio (higher is better)"),
-                          ("ttft_p50_ms", "TTFT p50, model ms (lower is better)"),
-                          ("ttft_p99_ms", "TTFT p99, model ms (lower is better)")):
-        fig, ax = plt.subplots(figsize=(9, 3.6))
-        width = 0.8 / len(policies)
-        for j, pol in enumerate(policies):
-            xs = [i + (j - (len(policies) - 1) / 2) * width for i in range(len(names))]
-            ax.bar(xs, [res[w][pol][metric] or 0 for w in names], width, label=pol,
-                   color=colors[pol])
-        ax.set_xticks(range(len(names)), names)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"{metric}.png", dpi=100)
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    routers = list(dict.fromkeys(r["router"] for r in rows))
+    cols = min(3, len(workloads))
+    nrows = math.ceil(len(workloads) / cols)
+    colors = {"round_robin": "#9a9a9a", "seed": "#e0a040", "kvgate": "#1f6fb2",
+              "kvgate:loadaware": "#6a9fd0", "kvgate:cache_aware": "#9ac0e0",
+              "vllm-router:cache_aware": "#d0402a", "vllm-router:power_of_two": "#f09080",
+              "sglang:cache_aware": "#2a9a40", "sglang:power_of_two": "#90d090"}
+    for metric, title, log in (("p99", "client TTFT p99, ms (lower is better)", True),
+                               ("goodput", "goodput, requests/s within the TTFT objective "
+                                           "(higher is better)", False)):
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows),
+                                 squeeze=False)
+        for ax, wl in zip(axes.flat, workloads, strict=False):
+            for router in routers:
+                pts = sorted((r["load"], r["client_ttft_ms"]["p99"] if metric == "p99"
+                              else r["goodput_rps"])
+                             for r in rows if r["workload"] == wl and r["router"] == router)
+                if pts:
+                    ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o",
+                            label=router, color=colors.get(router),
+                            linewidth=2.4 if router == "kvgate" else 1.2)
+            ax.set_title(wl, fontsize=10)
+            ax.set_xlabel("offered load, % of capacity", fontsize=8)
+            if log:
+                ax.set_yscale("log")
+            ax.tick_params(labelsize=8)
+        for ax in list(axes.flat)[len(workloads):]:
+            ax.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+        fig.suptitle(title, fontsize=11)
+        fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+        fig.savefig(out / f"{'ttft_p99' if metric == 'p99' else 'goodput'}_vs_load.png",
+                    dpi=90)
         plt.close(fig)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM (CI timeouts, ``kill``) unwinds like Ctrl-C: the ``finally`` blocks stop the
-    cluster and mitmdump instead of leaving them running."""
+    """SIGTERM unwinds like Ctrl-C: the finally blocks stop clusters and routers."""
     raise KeyboardInterrupt
 
 
@@ -304,56 +245,82 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _terminate)
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a third of the requests")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: rag and mixed at 80%%, four routers, 5 s each")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--time-scale", type=float, default=0.05)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--policies", default=",".join(POLICIES),
-                    help=f"comma-separated, of {', '.join(POLICIES + PLUG_INS)}")
+    ap.add_argument("--routers", default=",".join(DEFAULT_ROUTERS),
+                    help=f"comma-separated, of {', '.join(ROUTERS)}")
+    ap.add_argument("--loads", default="0.5,0.8,0.95",
+                    help="offered loads, as fractions of the measured capacity")
+    ap.add_argument("--seconds", type=float, default=6.0, help="arrivals per run")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per (workload, load, router)")
+    ap.add_argument("--arrival", choices=("poisson", "bursty"), default="poisson")
+    ap.add_argument("--capacity-seconds", type=float, default=4.0)
+    ap.add_argument("--speed", type=float, default=1.0,
+                    help="play every engine this many times faster (TTFT objectives shrink "
+                         "with it): more requests per second, more load on this machine")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    scale = 0.35 if args.quick else 1.0
-    results: dict[str, dict] = {}
-    notes = {}
-    t0 = time.monotonic()
+    if args.quick:
+        args.workloads, args.loads, args.seconds = "rag,mixed", "0.8", 5.0
+        if args.routers == ",".join(DEFAULT_ROUTERS):
+            args.routers = ",".join(QUICK_ROUTERS)
     names = [w for w in args.workloads.split(",") if w]
-    policies = [p for p in args.policies.split(",") if p]
-    unknown = set(policies) - set(POLICIES + PLUG_INS)
-    if unknown:
-        ap.error(f"unknown policies: {', '.join(sorted(unknown))}")
-    with tqdm(total=len(names) * len(policies), desc="bench", unit="run", ncols=90) as outer:
+    bad = [w for w in names if w not in WORKLOADS] + [
+        r for r in args.routers.split(",") if r and r not in ROUTERS]
+    if bad:
+        ap.error(f"unknown workloads or routers: {', '.join(bad)}")
+    routers = [ROUTERS[r] for r in args.routers.split(",") if r]
+    missing = [r.name for r in routers if not r.available]
+    if missing:
+        print(f"[bench] not installed, left out: {', '.join(missing)} "
+              "(scripts/bench installs them)", file=sys.stderr)
+        routers = [r for r in routers if r.available]
+    loads = [float(x) for x in args.loads.split(",") if x]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_dir = args.out / "logs"
+    log_dir.mkdir(exist_ok=True)
+    t0 = time.monotonic()
+    capacity: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    total = len(names) * len(loads) * len(routers) * args.repeats
+    with tqdm(total=total, desc="bench", unit="run", ncols=100) as bar:
         for name in names:
-            wl = WORKLOADS[name](random.Random(f"{args.seed}:{name}"), scale)
-            notes[name] = wl.note
-            results[name] = {}
-            for policy in policies:
-                results[name][policy] = run_one(wl, policy, args.time_scale)
-                outer.update(1)
-    lines = [f"machine: {platform.machine()}, Python {platform.python_version()}; "
-             f"{'--quick' if args.quick else 'full'} run, seed {args.seed}, "
-             f"{time.monotonic() - t0:.0f} s", ""]
-    lines += ["| workload | policy | prefix-hit ratio | TTFT p50 ms | TTFT p99 ms | imbalance "
-              "| failed |", "|---|---|---:|---:|---:|---:|---:|"]
-    for name, by in results.items():
-        for pol, r in by.items():
-            lines.append(f"| {name} | {pol} | {r['prefix_hit_ratio']:.3f} | {r['ttft_p50_ms']} "
-                         f"| {r['ttft_p99_ms']} | {r['imbalance']} | {r['failed']} |")
-    lines += [""] + [f"- {n}: {note}" for n, note in notes.items()]
-    lines += [""] + check_targets(results)
-    table = "\n".join(lines)
-    print("\n" + table)
-    (args.out / "results.json").write_text(json.dumps({"workloads": results}, indent=2))
-    (args.out / "results.md").write_text(table + "\n")
-    charts(results, args.out, policies)
+            capacity[name], got = run_workload(name, loads, routers, args, log_dir, bar)
+            rows += got
+    rows.sort(key=lambda r: (names.index(r["workload"]), r["load"],
+                             [x.name for x in routers].index(r["router"]), r["repeat"]))
+    elapsed = time.monotonic() - t0
+    meta = {"schema": SCHEMA, "date": datetime.date.today().isoformat(),
+            "command": "scripts/bench " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+                       f"{platform.python_version()}",
+            "arrival": args.arrival, "seconds": args.seconds, "repeats": args.repeats,
+            "seed": args.seed, "elapsed_s": round(elapsed),
+            "speed": args.speed,
+            "slo_ms": {n: make(n, "0", 1, args.speed).slo_ms for n in names},
+            "notes": {n: WORKLOADS[n](random.Random(0), 1).note for n in names}}
+    (args.out / "results.json").write_text(json.dumps(
+        {"meta": meta, "capacity_rps": {k: round(v, 2) for k, v in capacity.items()},
+         "runs": rows}, indent=1))
+    text = [f"{meta['date']}, `{meta['command']}`, {meta['machine']}; {args.arrival} "
+            f"arrivals, {args.seconds:g} s per run, {elapsed:.0f} s in all", "",
+            "capacity (req/s, every slot busy, no router): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in capacity.items()), ""]
+    text += table(rows) + [""] + [f"- {n}: {note}; TTFT objective {meta['slo_ms'][n]:g} ms"
+                                  for n, note in meta["notes"].items()]
+    text += [""] + targets(rows)
+    (args.out / "results.md").write_text("\n".join(text) + "\n")
+    print("\n" + "\n".join(text))
+    charts(rows, args.out)
     print(f"\nwrote {args.out}/results.json, results.md and charts")
-    failed = sum(r["failed"] for by in results.values() for r in by.values())
-    return 1 if failed else 0
+    return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        print("\ninterrupted: cluster and gateway stopped", file=sys.stderr)
+        print("\ninterrupted: clusters and routers stopped", file=sys.stderr)
         sys.exit(130)
