@@ -240,3 +240,20 @@ def test_a_policy_that_needs_no_lookup_makes_no_helper_calls(make_gateway, engin
     assert second.decision.endpoint.id == first.decision.endpoint.id
     assert second.decision.reason == CACHE
     assert calls(controller, "/lookup") == [] and engine.raw_tokenize == []
+
+
+def test_a_queue_read_before_requests_finished_is_discounted_by_them() -> None:
+    """The engine's waiting queue is read every metrics_interval; what the gateway saw
+    finish there since must not be counted as still waiting (it herded traffic away from
+    drained engines)."""
+    view = fleet()
+    view.monitor.full_slots["e1"] = 3.0
+    view.monitor.stats["e1"] = EngineStats(running=3, waiting=2, at=time.monotonic(), done=5)
+    view.cluster.finished["e1"] = 5
+    assert view.ahead()["e1"] == 2.0
+    view.cluster.finished["e1"] = 6
+    assert view.ahead()["e1"] == 1.0
+    view.cluster.finished["e1"] = 9
+    assert view.ahead()["e1"] == 0.0
+    view.cluster.inflight["e1"] = 5  # its own count beyond the slots still queues
+    assert view.ahead()["e1"] == 2.0

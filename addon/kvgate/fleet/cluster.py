@@ -19,6 +19,7 @@ class Cluster:
         self._lock = threading.Lock()
         self._next = 0
         self.inflight: dict[str, int] = {ep.id: 0 for ep in cfg.endpoints}
+        self.finished: dict[str, int] = {}  # requests ended per endpoint, ever
 
     def healthy(self, endpoint_id: str) -> bool:
         return endpoint_id in self.by_id and self._is_healthy(endpoint_id)
@@ -44,6 +45,7 @@ class Cluster:
         with self._lock:
             if self.inflight.get(endpoint_id, 0) > 0:
                 self.inflight[endpoint_id] -= 1
+            self.finished[endpoint_id] = self.finished.get(endpoint_id, 0) + 1
 
     def add(self, ep: Endpoint) -> None:
         """Join (or re-address) an endpoint learnt at run time."""

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import urllib3
 
@@ -30,6 +30,9 @@ class EngineStats:
     waiting: float = 0.0
     kv_usage: float = 0.0
     at: float = 0.0
+    done: int = 0
+    """Requests the gateway had seen the engine finish when these figures were read: what
+    it finishes after that has left the waiting queue read then."""
 
 
 _GAUGE = re.compile(rb"^(vllm:[a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
@@ -59,6 +62,8 @@ class EngineMonitor:
         self.health_interval = health_interval
         self.metrics_interval = metrics_interval
         self.stats: dict[str, EngineStats] = {}
+        # requests finished per endpoint, as the gateway saw them (fleet.Fleet wires it)
+        self.finished: Callable[[str], int] = lambda endpoint_id: 0
         self.slots: dict[str, float] = {}
         self.full_slots: dict[str, float] = {}
         self._pool = urllib3.PoolManager(num_pools=len(self.endpoints) + 8, maxsize=2,
@@ -125,7 +130,8 @@ class EngineMonitor:
     def poll_metrics(self, ep: Endpoint) -> None:
         resp = self._get(ep, "/metrics", max(0.2, min(self.metrics_interval, 1.0)))
         if resp is not None and resp.status == 200:
-            st = self.stats[ep.id] = parse_metrics(resp.data)
+            st = self.stats[ep.id] = replace(parse_metrics(resp.data),
+                                             done=self.finished(ep.id))
             # the most sequences it was seen running at once: its batch slots, as far as
             # we can tell (vLLM's max_num_seqs is not in /metrics)
             if st.running > self.slots.get(ep.id, 0.0):

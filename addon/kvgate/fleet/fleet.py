@@ -28,6 +28,7 @@ class Fleet:
             kv.metrics_interval if kv.enabled else 0.0)
         # regular proxy mode: which requests are aimed at an engine (resolved in start)
         self.addresses = EngineAddresses(())
+        self.monitor.finished = self._finished
         self.views = {n: FleetView(c, self.monitor, kv.min_batch_slots)
                       for n, c in self.clusters.items()}
         self.discovery: Discovery | None = None
@@ -38,6 +39,9 @@ class Fleet:
 
     def _endpoints(self) -> list[Endpoint]:
         return [ep for c in self.clusters.values() for ep in c.endpoints]
+
+    def _finished(self, endpoint_id: str) -> int:
+        return sum(c.finished.get(endpoint_id, 0) for c in self.clusters.values())
 
     def _endpoints_changed(self) -> None:
         self.monitor.endpoints = self._endpoints()

@@ -5,8 +5,9 @@ A failure is a 5xx answer, a connection that ends before the answer does (a rese
 killed engine) or no response headers within ``response_headers_timeout``. ``failures``
 of them in a row eject the engine for ``base`` x the times it was ejected, at most
 ``longest``; the count of ejections is forgotten once ``longest`` passes without one.
-A connect failure ejects at once (it proves nothing answers there). Every ejection is
-one event: the caller logs it once, not once per failed request.
+A connect failure ejects at once (nothing answers there) until a health check sees the
+engine accept connections again. Every ejection is one event: the caller logs it once,
+not once per failed request.
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ class OutlierDetector:
             return self._eject(endpoint_id)
 
     def connect_failed(self, endpoint_id: str) -> float | None:
-        """Nothing accepted the connection: eject now (None if it was out already)."""
+        """Nothing accepted the connection: out now, until an active health check sees it
+        accept again or ``eject_seconds`` pass (an engine restarted is back at once, not
+        after a back-off meant for engines that answer badly). None if it was out."""
         with self._lock:
             if not self.book.is_healthy(endpoint_id):
                 return None
-            return self._eject(endpoint_id)
+            self.book.mark_down(endpoint_id)
+            return self.book.eject_seconds
 
     def _eject(self, endpoint_id: str) -> float:
         now = self._clock()

@@ -37,15 +37,19 @@ class FleetView:
         """Requests a new one would queue behind, per endpoint.
 
         Requests in flight only delay ours once the engine's batch slots are full: with the
-        slots learnt from /metrics (most seen running, at least ``min_batch_slots``), it is
-        what is in flight beyond them, or the engine's own waiting queue if larger.
+        slots learnt from /metrics, it is what is in flight beyond them, or the engine's own
+        waiting queue (other gateways' requests included) if larger.
         """
         out: dict[str, float] = {}
+        finished = self.cluster.finished
         for ep in self.cluster.endpoints:
             inflight = float(self.cluster.inflight.get(ep.id, 0))
             stats = self.monitor.fresh(ep.id)
             slots = self.monitor.batch_slots(ep.id, self.min_batch_slots)
-            waiting = stats.waiting if stats is not None else 0.0
+            waiting = 0.0
+            if stats is not None:  # less what has finished since it was read: a queue
+                # read half a second ago must not keep traffic off a drained engine
+                waiting = stats.waiting - (finished.get(ep.id, 0) - stats.done)
             out[ep.id] = max(inflight - slots, waiting, 0.0)
         return out
 
