@@ -39,8 +39,14 @@ from typing import Any
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib.client import closed_loop, open_loop  # noqa: E402
+from benchlib import workloads  # noqa: E402
+from benchlib.client import (  # noqa: E402
+    MODEL,  # noqa: E402
+    closed_loop,
+    open_loop,
+)
 from benchlib.cluster import ROOT, SimCluster, engine_params  # noqa: E402
+from benchlib.real_cluster import RealCluster  # noqa: E402
 from benchlib.routers import ROUTERS, Router, start  # noqa: E402
 from benchlib.stats import summarise  # noqa: E402
 from benchlib.workloads import WORKLOADS, Workload  # noqa: E402
@@ -49,6 +55,8 @@ SCHEMA = "kvgate-bench/2"
 DEFAULT_ROUTERS = ("round_robin", "kvgate", "vllm-router:cache_aware",
                    "vllm-router:power_of_two", "sglang:cache_aware", "sglang:power_of_two")
 QUICK_ROUTERS = ("round_robin", "kvgate", "vllm-router:cache_aware", "sglang:cache_aware")
+# what fits two tiny CPU engines (4,096 tokens each, no engine to lose, one kind of engine)
+REAL_WORKLOADS = ("multi_turn_chat", "hot_prefix", "rag", "unique", "mixed")
 LOST_ENGINE = 1  # engine_lost kills vllm-2
 
 
@@ -77,7 +85,7 @@ def make(name: str, seed: str, n: int, speed: float) -> Workload:
 
 
 def play_cell(wl_name: str, load: float, capacity: float, routers: list[Router],
-              cluster: SimCluster, args: argparse.Namespace, log_dir: Path,
+              cluster: SimCluster | RealCluster, args: argparse.Namespace, log_dir: Path,
               bar: tqdm) -> list[dict[str, Any]]:
     """Every router on one (workload, load): the same stream, each on a reset cluster."""
     rate = load * capacity
@@ -86,13 +94,15 @@ def play_cell(wl_name: str, load: float, capacity: float, routers: list[Router],
         seed = f"{args.seed}:{wl_name}:{load}:{rep}"
         n = math.ceil(rate * args.seconds * 1.5) + 8
         wl = make(wl_name, seed, n, args.speed)
+        if args.slo_ms:
+            wl.slo_ms = args.slo_ms
         for router in routers:
             cluster.reset()
             t0 = time.monotonic()
             with start(router, cluster, log_dir) as running:
                 records, window = asyncio.run(open_loop(
                     running.url, wl, rate, args.seconds, args.arrival, random.Random(seed),
-                    wl.params["max_output"], fault_for(wl, cluster)))
+                    wl.params["max_output"], fault_for(wl, cluster), model=args.model))
                 routes = running.routes()
             row = summarise(records, window, wl.slo_ms, cluster.busy_seconds())
             if routes:
@@ -108,21 +118,32 @@ def play_cell(wl_name: str, load: float, capacity: float, routers: list[Router],
 
 
 def run_workload(name: str, loads: list[float], routers: list[Router],
-                 args: argparse.Namespace, log_dir: Path,
-                 bar: tqdm) -> tuple[float, list[dict[str, Any]]]:
+                 args: argparse.Namespace, log_dir: Path, bar: tqdm,
+                 real: RealCluster | None = None) -> tuple[float, list[dict[str, Any]]]:
+    """Capacity, then every (load, router) cell, on the workload's own simulated cluster
+    or on the real one."""
     probe = make(name, f"{args.seed}:{name}:capacity", 4000, args.speed)
-    cluster = SimCluster(engine_params(probe.params, probe.per_engine, probe.engines), log_dir)
-    cluster.start()
+    cluster: SimCluster | RealCluster
+    if real is not None:
+        cluster = real
+    else:
+        cluster = SimCluster(engine_params(probe.params, probe.per_engine, probe.engines),
+                             log_dir)
+        cluster.start()
     try:
-        capacity = asyncio.run(closed_loop(cluster.urls, probe, 2 * probe.slots,
-                                           args.capacity_seconds, probe.params["max_output"]))
+        cluster.reset()
+        slots = probe.slots if real is None else 2 * len(real.urls)
+        capacity = asyncio.run(closed_loop(cluster.urls, probe, 2 * slots,
+                                           args.capacity_seconds, probe.params["max_output"],
+                                           model=args.model))
         rows = []
         for i, load in enumerate(loads):
             order = routers if i % 2 == 0 else routers[::-1]
             rows += play_cell(name, load, capacity, order, cluster, args, log_dir, bar)
         return capacity, rows
     finally:
-        cluster.stop()
+        if real is None:
+            cluster.stop()
 
 
 # ---------------------------------------------------------------- reporting
@@ -258,12 +279,27 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="runs per (workload, load, router)")
     ap.add_argument("--arrival", choices=("poisson", "bursty"), default="poisson")
     ap.add_argument("--capacity-seconds", type=float, default=4.0)
+    ap.add_argument("--real", action="store_true",
+                    help="two real vLLM CPU engines with LMCache and its controller "
+                         "(scripts/vllm-cluster) instead of the simulator: the workloads that "
+                         "fit them, prompts halved, 80%% load, TTFT objective 500 ms")
+    ap.add_argument("--slo-ms", type=float, default=0.0,
+                    help="one TTFT objective for every workload (default: each its own)")
     ap.add_argument("--speed", type=float, default=1.0,
                     help="play every engine this many times faster (TTFT objectives shrink "
                          "with it): more requests per second, more load on this machine")
     args = ap.parse_args()
+    args.model = MODEL
+    if args.real:
+        workloads.SIZE = 0.5
+        if args.workloads == ",".join(WORKLOADS):
+            args.workloads = ",".join(REAL_WORKLOADS)
+        if args.loads == "0.5,0.8,0.95":
+            args.loads = "0.8"
+        args.slo_ms = args.slo_ms or 500.0
     if args.quick:
-        args.workloads, args.loads, args.seconds = "rag,mixed", "0.8", 5.0
+        args.workloads = "rag" if args.real else "rag,mixed"
+        args.loads, args.seconds = "0.8", 5.0
         if args.routers == ",".join(DEFAULT_ROUTERS):
             args.routers = ",".join(QUICK_ROUTERS)
     names = [w for w in args.workloads.split(",") if w]
@@ -285,10 +321,25 @@ def main() -> int:
     capacity: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     total = len(names) * len(loads) * len(routers) * args.repeats
-    with tqdm(total=total, desc="bench", unit="run", ncols=100) as bar:
-        for name in names:
-            capacity[name], got = run_workload(name, loads, routers, args, log_dir, bar)
-            rows += got
+    real = None
+    if args.real:
+        bad = [n for n in names if n not in REAL_WORKLOADS]
+        if bad:
+            ap.error(f"not with --real: {', '.join(bad)}")
+        print("[bench] starting two real vLLM engines (scripts/vllm-cluster)", file=sys.stderr)
+        real = RealCluster(2, log_dir)
+    try:
+        if real is not None:
+            real.start()
+            args.model = real.model
+        with tqdm(total=total, desc="bench", unit="run", ncols=100) as bar:
+            for name in names:
+                capacity[name], got = run_workload(name, loads, routers, args, log_dir, bar,
+                                                   real)
+                rows += got
+    finally:
+        if real is not None:
+            real.stop()
     rows.sort(key=lambda r: (names.index(r["workload"]), r["load"],
                              [x.name for x in routers].index(r["router"]), r["repeat"]))
     elapsed = time.monotonic() - t0
@@ -298,8 +349,9 @@ def main() -> int:
                        f"{platform.python_version()}",
             "arrival": args.arrival, "seconds": args.seconds, "repeats": args.repeats,
             "seed": args.seed, "elapsed_s": round(elapsed),
-            "speed": args.speed,
-            "slo_ms": {n: make(n, "0", 1, args.speed).slo_ms for n in names},
+            "speed": args.speed, "cluster": "real vLLM (CPU) x2 + LMCache" if args.real
+            else "simulated",
+            "slo_ms": {n: args.slo_ms or make(n, "0", 1, args.speed).slo_ms for n in names},
             "notes": {n: WORKLOADS[n](random.Random(0), 1).note for n in names}}
     (args.out / "results.json").write_text(json.dumps(
         {"meta": meta, "capacity_rps": {k: round(v, 2) for k, v in capacity.items()},

@@ -76,6 +76,11 @@ def counted(out: Path) -> int:
     raise RuntimeError(f"no totals in {out}")
 
 
+SHORT = {"bare": "bare mitmdump", "floor": "+ round-robin floor addon",
+         "reused": "+ kvgate, lookup answer reused",
+         "asked": "+ kvgate, /lookup on every request"}
+
+
 def measure(kind: str, kv: dict, engines: list[int], ctl: int, tmp: Path, requests: int,
             conns: int, idle: float = 0.0) -> int:
     port = free_port()
@@ -128,6 +133,9 @@ def main() -> None:
                     help="how long the idle gateway's background work is counted")
     ap.add_argument("--rate", type=float, default=600.0,
                     help="req/s to spread the background work over in the summary")
+    ap.add_argument("--cases", default="",
+                    help="only these cases, comma-separated: bare, floor, reused, asked "
+                         "(default: all, and the idle gateway's background work)")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("bench_instructions needs valgrind: apt install valgrind")
@@ -142,16 +150,25 @@ def main() -> None:
         for p in (*engines, ctl):
             wait_port(p)
         with tempfile.TemporaryDirectory() as tmp:
+            wanted = {SHORT[c] for c in args.cases.split(",") if c} or set(CASES)
             for name, (kind, kv) in tqdm(CASES.items(), desc="cases", unit="case"):
+                if name not in wanted:
+                    continue
                 n = measure(kind, kv, engines, ctl, Path(tmp), args.requests,
                             args.connections)
                 per_request[name] = n / args.requests
-            background = measure("kvgate", {}, engines, ctl, Path(tmp), 0, 1,
-                                 idle=args.idle_seconds) / args.idle_seconds
+            background = 0.0
+            if not args.cases:
+                background = measure("kvgate", {}, engines, ctl, Path(tmp), 0, 1,
+                                     idle=args.idle_seconds) / args.idle_seconds
     finally:
         for p in procs:
             stop(p)
 
+    if "bare mitmdump" not in per_request:
+        for name, n in per_request.items():
+            print(f"{name}: {n / 1e6:.3f} M instructions per request")
+        return
     bare = per_request["bare mitmdump"]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; {args.requests} counted requests per case over "
@@ -160,6 +177,8 @@ def main() -> None:
     print("|---|---:|---:|")
     for name, n in per_request.items():
         print(f"| {name} | {n / 1e6:.3f} M | {n / bare:.3f} |")
+    if args.cases:
+        return
     print(f"\nkvgate's background work (health and metrics polls, defaults) on an idle "
           f"gateway: {background / 1e6:.1f} M instructions per second = "
           f"{background / args.rate / 1e6:.3f} M per request at {args.rate:g} req/s "

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "addon"))
 from kvgate.sim.ports import free_port, wait_port  # noqa: E402
+from kvgate.sim.run import stop  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WORDS = [f"w{i}" for i in range(5000)]
@@ -173,13 +173,7 @@ def _mitmdump(port: int, stand: int, tmp: Path, kvgate: bool) -> subprocess.Pope
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc, 20)
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,12 +143,17 @@ def play(port: int, convs: list[Conversation], clients: int, bar: tqdm) -> Resul
                         result.cached_tokens += usage["prompt_tokens_details"]["cached_tokens"]
                 bar.update(1)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    _together(client, clients)
+    return result
+
+
+def _together(client: Callable[[int], None], n: int) -> None:
+    """Clients 0..n-1, each on a thread of its own, until all are done."""
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    return result
 
 
 def chart(results: dict[str, dict], path: Path,
@@ -449,11 +454,7 @@ def play_real(port: int, model: str, convs: list[Conversation], clients: int,
                         "ttft_ms": round(ttft, 1)})
                 bar.update(1)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _together(client, clients)
     return result
 
 

@@ -138,13 +138,14 @@ def _read_frame(frame: bytes, rec: Record, text: list[str]) -> None:
 
 
 async def run_session(pool: Pool | Callable[[], Pool], steps: list[Step], session: int,
-                      t0: float, out: list[Record], max_tokens: int) -> None:
+                      t0: float, out: list[Record], max_tokens: int,
+                      model: str = MODEL) -> None:
     """A session's steps in order; ``pool`` may be a function picking one per request."""
     state: dict = {}
     for i, step in enumerate(steps):
         body = step(state)
         chat = "messages" in body
-        body.update({"model": MODEL, "max_tokens": max_tokens, "stream": True,
+        body.update({"model": model, "max_tokens": max_tokens, "stream": True,
                      "stream_options": {"include_usage": True}})
         rec = Record(session, i, time.perf_counter() - t0)
         out.append(rec)
@@ -170,7 +171,7 @@ def gaps(rate: float, arrival: str, rng: random.Random) -> Iterator[float]:
 async def open_loop(base_url: str, wl: Workload, rate: float, seconds: float,
                     arrival: str, rng: random.Random, max_tokens: int,
                     fault: Callable[[float], Awaitable[None]] | None = None,
-                    drain: float = 60.0) -> tuple[list[Record], float]:
+                    drain: float = 60.0, model: str = MODEL) -> tuple[list[Record], float]:
     """Start sessions at ``rate`` requests/s (sessions at rate / steps per session) for
     ``seconds``; wait for them to finish (at most ``drain`` more). (records, window)."""
     pool = Pool(base_url)
@@ -190,7 +191,7 @@ async def open_loop(base_url: str, wl: Workload, rate: float, seconds: float,
             break
         await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
         tasks.append(asyncio.ensure_future(
-            run_session(pool, steps, len(tasks), t0, out, max_tokens)))
+            run_session(pool, steps, len(tasks), t0, out, max_tokens, model)))
     window = time.perf_counter() - t0
     if tasks:
         done, pending = await asyncio.wait(tasks, timeout=drain)
@@ -207,7 +208,7 @@ async def open_loop(base_url: str, wl: Workload, rate: float, seconds: float,
 
 
 async def closed_loop(urls: list[str], wl: Workload, workers: int, seconds: float,
-                      max_tokens: int, warmup: float = 1.0) -> float:
+                      max_tokens: int, warmup: float = 1.0, model: str = MODEL) -> float:
     """Requests completed per second with ``workers`` sessions always in flight, each
     request sent to the next engine in turn by the client (no router, no affinity): the
     cluster's capacity for this stream when nobody routes by cache."""
@@ -228,7 +229,7 @@ async def closed_loop(urls: list[str], wl: Workload, workers: int, seconds: floa
             steps = next(sessions, None)
             if steps is None:
                 return
-            await run_session(next_pool, steps, 0, t0, out, max_tokens)
+            await run_session(next_pool, steps, 0, t0, out, max_tokens, model)
 
     await asyncio.wait([asyncio.ensure_future(worker()) for _ in range(workers)],
                        timeout=warmup + seconds + 30)

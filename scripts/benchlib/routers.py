@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import ROOT, SimCluster
+from .real_cluster import RealCluster
 
 sys.path.insert(0, str(ROOT / "addon"))
 from kvgate.sim.ports import free_port  # noqa: E402
@@ -60,10 +61,10 @@ ROUTERS = {r.name: r for r in (
 )}
 
 
-def kvgate_config(cluster: SimCluster, setting: str) -> dict[str, Any]:
+def kvgate_config(cluster: SimCluster | RealCluster, setting: str) -> dict[str, Any]:
     cfg = cluster.config()
     kv = cfg["kvcache"]
-    kv.pop("lookup_routing_timeout")  # the defaults, as a user starts
+    kv.pop("lookup_routing_timeout", None)  # the defaults, as a user starts
     kv["debug_headers"] = False
     if setting == "round_robin":
         kv["enabled"] = False  # the balancer alone
@@ -134,7 +135,7 @@ class Running:
 
 
 @contextlib.contextmanager
-def start(router: Router, cluster: SimCluster, log_dir: Path) -> Iterator[Running]:
+def start(router: Router, cluster: SimCluster | RealCluster, log_dir: Path) -> Iterator[Running]:
     """The router in front of ``cluster``, ready."""
     log = log_dir / f"{router.name.replace(':', '-')}.log"
     workers = cluster.urls

@@ -57,8 +57,13 @@ class Workload:
                    for i in range(self.engines))
 
 
+SIZE = 1.0
+"""Prompt sizes, as a share of the above: ``scripts/bench --real`` halves them (the tiny
+model's tokenizer makes about four tokens of a word, its engines hold 4,096)."""
+
+
 def _words(rng: random.Random, n: int) -> str:
-    return " ".join(f"w{rng.randrange(50_000)}" for _ in range(n))
+    return " ".join(f"w{rng.randrange(50_000)}" for _ in range(max(1, round(n * SIZE))))
 
 
 def _chat(rng: random.Random, turns: int, system_tokens: int) -> list[Step]:

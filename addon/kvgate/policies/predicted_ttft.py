@@ -61,23 +61,14 @@ class CostModel:
         return cost
 
 
-def cheapest(
-    prompt_tokens: int,
-    placements: Sequence[Placement],
-    endpoints: Sequence[Endpoint],
-    healthy: Callable[[str], bool],
-    ahead: Mapping[str, float],
-    model: CostModel,
-    inflight: Mapping[str, int] | None = None,
-) -> tuple[Endpoint, int, float] | None:
-    """The healthy endpoint with the lowest predicted TTFT; ties to the fewest ahead, then
-    the fewest in flight, then config order. None when no endpoint is healthy."""
-    ranked = _two_cheapest(prompt_tokens, placements, endpoints, healthy, ahead, model,
-                           inflight)
-    return ranked[0] if ranked else None
+def cheapest(*args: object, **kw: object) -> tuple[Endpoint, int, float] | None:
+    """The healthy endpoint with the lowest predicted TTFT (``ranked``'s first), or None
+    when no endpoint is healthy."""
+    best = ranked(*args, **kw)  # type: ignore[arg-type]
+    return best[0] if best else None
 
 
-def _two_cheapest(
+def ranked(
     prompt_tokens: int,
     placements: Sequence[Placement],
     endpoints: Sequence[Endpoint],
@@ -86,7 +77,8 @@ def _two_cheapest(
     model: CostModel,
     inflight: Mapping[str, int] | None = None,
 ) -> list[tuple[Endpoint, int, float]]:
-    """The cheapest healthy endpoint and the runner-up (for the flow's "why"), in one pass."""
+    """The cheapest healthy endpoint and the runner-up (for the flow's "why"), in one
+    pass: ties to the fewest ahead, then the fewest in flight, then config order."""
     matched = matched_by_instance(placements)
     held = held_anywhere(matched, healthy)
     ranks: list[tuple[tuple[float, float, int, int], Endpoint, int, float]] = []
@@ -117,16 +109,16 @@ class PredictedTTFT(Policy):
     def choose(self, prompt: Prompt, placements: Sequence[Placement], fleet: Fleet) -> Decision:
         n_tokens = prompt.probe_tokens
         ahead = fleet.ahead()
-        ranked = _two_cheapest(n_tokens, placements, fleet.endpoints, fleet.healthy, ahead,
-                               self.model, fleet.inflight)
-        if not ranked:  # nothing healthy: the rotation still tries someone
+        best = ranked(n_tokens, placements, fleet.endpoints, fleet.healthy, ahead, self.model,
+                      fleet.inflight)
+        if not best:  # nothing healthy: the rotation still tries someone
             return Decision(fleet.round_robin(), BALANCER, 0, "none healthy")
-        ep, matched, cost = ranked[0]
+        ep, matched, cost = best[0]
         if matched > 0:
             ttft = self.model.ttft(n_tokens, matched, ahead.get(ep.id, 0.0))
             runner_up = ""
-            if len(ranked) > 1:
-                other, m2, _ = ranked[1]
+            if len(best) > 1:
+                other, m2, _ = best[1]
                 runner_up = (f"{other.id} (predicted ttft "
                              f"{self.model.ttft(n_tokens, m2, ahead.get(other.id, 0.0)):.0f} ms)")
             return Decision(ep, CACHE, matched, f"predicted ttft {ttft:.0f} ms", runner_up)
