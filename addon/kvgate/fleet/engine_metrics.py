@@ -1,9 +1,11 @@
 """What each engine is doing: ``GET /metrics`` (queue, batch, KV usage) and ``GET /health``.
 
 One background thread asks every endpoint ``GET /health`` each ``health_check_interval``
-(a failure ejects it in the health book until a check passes) and ``GET /metrics`` each
-``metrics_interval`` (for the fleet's load view and cache management). Never on the
-request path.
+(a refused connection ejects it in the health book at once, a slow or failing answer
+after ``UNHEALTHY_AFTER`` checks in a row, as Kubernetes' failureThreshold does: a CPU
+engine busy for half a second is not a dead one; a check that passes readmits it) and
+``GET /metrics`` each ``metrics_interval`` (for the fleet's load view and cache
+management). Never on the request path.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from .endpoint import Endpoint
 from .health import HealthBook
 
 log = logging.getLogger("kvgate")
+
+UNHEALTHY_AFTER = 2
+"""Failed health checks in a row (a timeout, a non-200 answer) before an endpoint is
+ejected; a refused connection ejects at once."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class EngineMonitor:
         self.finished: Callable[[str], int] = lambda endpoint_id: 0
         self.slots: dict[str, float] = {}
         self.full_slots: dict[str, float] = {}
+        self._failed_checks: dict[str, int] = {}
         self._pool = urllib3.PoolManager(num_pools=len(self.endpoints) + 8, maxsize=2,
                                          retries=False)
         self._stop = threading.Event()
@@ -108,28 +115,36 @@ class EngineMonitor:
         return st if st is not None and time.monotonic() - st.at <= age else None
 
     def _get(self, ep: Endpoint, path: str, timeout: float,
-             fresh: bool = False) -> urllib3.BaseHTTPResponse | None:
+             fresh: bool = False) -> urllib3.BaseHTTPResponse | OSError | None:
+        """The answer; the error if the connection was refused; None if it failed later."""
         try:
             return self._pool.request(
                 "GET", ep.url + path, timeout=timeout, retries=False, redirect=False,
                 # a health check must prove the engine still accepts connections
                 headers={"Connection": "close"} if fresh else None,
             )
+        except urllib3.exceptions.NewConnectionError as e:
+            return OSError(str(e))
         except (urllib3.exceptions.HTTPError, OSError):
             return None
 
     def check_health(self, ep: Endpoint) -> None:
         resp = self._get(ep, "/health", max(0.2, min(self.health_interval, 1.0)), fresh=True)
-        if resp is not None and resp.status == 200:
+        if isinstance(resp, urllib3.BaseHTTPResponse) and resp.status == 200:
+            self._failed_checks.pop(ep.id, None)
             if self.book.checks_down(ep.id):
                 log.warning("[kvcache] endpoint %s is healthy again", ep.id)
             self.book.mark_up(ep.id)
-        elif self.book.mark_down(ep.id, until_up=True):  # one line per ejection
+            return
+        failed = self._failed_checks[ep.id] = self._failed_checks.get(ep.id, 0) + 1
+        if not isinstance(resp, OSError) and failed < UNHEALTHY_AFTER:
+            return  # slow or failing once: ask again at the next interval
+        if self.book.mark_down(ep.id, until_up=True):  # one line per ejection
             log.warning("[kvcache] endpoint %s failed its health check: ejected", ep.id)
 
     def poll_metrics(self, ep: Endpoint) -> None:
         resp = self._get(ep, "/metrics", max(0.2, min(self.metrics_interval, 1.0)))
-        if resp is not None and resp.status == 200:
+        if isinstance(resp, urllib3.BaseHTTPResponse) and resp.status == 200:
             st = self.stats[ep.id] = replace(parse_metrics(resp.data),
                                              done=self.finished(ep.id))
             # the most sequences it was seen running at once: its batch slots, as far as
