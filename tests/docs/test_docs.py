@@ -308,7 +308,7 @@ QUICK_BENCHES = [
     [".venv/bin/python", "scripts/bench_long_prompts.py", "--repeats", "1", "--sizes", "1k"],
     [".venv/bin/python", "scripts/bench_memory.py", "distinct", "--prompts", "200"],
     [".venv/bin/python", "scripts/bench_memory.py", "flood", "--prompts", "2", "--mib", "1"],
-    [".venv/bin/python", "scripts/bench_framing.py", "--calls", "50"],
+    [".venv/bin/python", "scripts/bench_framing.py", "--calls", "50,150"],
     [".venv/bin/python", "scripts/bench_engine_kill.py", "--runs", "1", "--seconds", "2"],
     ["scripts/bench_instructions", "--requests", "10", "--cases", "reused",
      "--idle-seconds", "1"],
@@ -320,7 +320,8 @@ QUICK_BENCHES = [
                               for a in QUICK_BENCHES])
 def test_benchmark_scripts_quick(argv: list[str]) -> None:
     """The benchmarks the docs show, in their quick forms: they run and print a result."""
-    if argv[0] == "scripts/bench_instructions" and not _run("command -v valgrind", 10).stdout:
+    callgrind = argv[0] == "scripts/bench_instructions" or "scripts/bench_framing.py" in argv
+    if callgrind and not _run("command -v valgrind", 10).stdout:
         pytest.skip("valgrind is not installed")
     got = _run(argv, 900)
     assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
