@@ -130,7 +130,7 @@ class EngineMonitor:
 
     def check_health(self, ep: Endpoint) -> None:
         resp = self._get(ep, "/health", max(0.2, min(self.health_interval, 1.0)), fresh=True)
-        if isinstance(resp, urllib3.BaseHTTPResponse) and resp.status == 200:
+        if resp is not None and not isinstance(resp, OSError) and resp.status == 200:
             self._failed_checks.pop(ep.id, None)
             if self.book.checks_down(ep.id):
                 log.warning("[kvcache] endpoint %s is healthy again", ep.id)
@@ -144,7 +144,7 @@ class EngineMonitor:
 
     def poll_metrics(self, ep: Endpoint) -> None:
         resp = self._get(ep, "/metrics", max(0.2, min(self.metrics_interval, 1.0)))
-        if isinstance(resp, urllib3.BaseHTTPResponse) and resp.status == 200:
+        if resp is not None and not isinstance(resp, OSError) and resp.status == 200:
             st = self.stats[ep.id] = replace(parse_metrics(resp.data),
                                              done=self.finished(ep.id))
             # the most sequences it was seen running at once: its batch slots, as far as
