@@ -3,8 +3,8 @@
 A request passes five stages, each in its own package:
   1. read the body                   request.parsing
   2. find its tokens                 tokens.finder
-  3. find where its prefix lives     placement.lookup_cache (and prefix_index when LMCache
-                                     cannot be asked)
+  3. find where its prefix lives     placement.lookup_cache, and placement.sent: where
+                                     the gateway sent prompts, before LMCache knows
   4. pick an endpoint                policies (one file each, chosen by ``policy:``)
   5. act in the background           cache_management
 Each stage may settle the request (unparsed, helper down, no tokens): the rest is skipped.
@@ -29,9 +29,7 @@ from .observability.exporter import Exporter
 from .observability.stats import Sources
 from .placement.layout import Placement
 from .placement.lookup_cache import LookupCache
-from .placement.prefix_index import PrefixIndex
-from .placement.recent_routes import RecentRoutes
-from .placement.recent_routes import merge as merge_recent
+from .placement.sent import SentRoutes
 from .policies.base import BALANCER, FALLBACK, Decision, Prompt
 from .request.parsing import NotParsed, parse_body
 from .request.routed import Routed
@@ -63,8 +61,7 @@ class Gateway:
         self.lookups = LookupCache(self.helpers.lookup, kv.lookup_cache_ttl, kv.lookup_stale_ttl,
                                    kv.routing_workers, self.counters,
                                    timer=lambda: self.exporter.lookup_seconds.time())
-        self.prefix_index = PrefixIndex(kv.prefix_index_size)
-        self.recent = RecentRoutes(kv.recent_routes_window)
+        self.sent = SentRoutes(kv.prefix_index_size, kv.recent_routes_window, self.lookups)
         self.cache = CacheManager(kv, self.token_cache, self.tokens.local_tokens, self.helpers,
                                   self.fleet.monitor, self.counters)
         h, f = self.helpers, self.fleet
@@ -133,10 +130,9 @@ class Gateway:
             return self._fallback(cluster_name, routed, f"lookup: {type(exc).__name__}")
         self.counters.inc(f"lookup.{how}")
         if how == "routing_ok":  # a fresh answer: add what LMCache cannot know yet
-            held = self.recent.held(probe)
-            if held:
+            placements, added = self.sent.add_recent(probe, placements)
+            if added:
                 self.counters.inc("lookup.recent_routes")
-                placements = merge_recent(placements, held)
         routed.placements = placements
         return self._choose(cluster_name, routed, placements)  # 4. pick an endpoint
 
@@ -185,8 +181,8 @@ class Gateway:
         """Without LMCache: the endpoint that last served this prompt's longest known prefix."""
         assert routed.parsed is not None
         cluster = self.fleet.clusters[cluster_name]
-        known = self.prefix_index.best(routed.parsed.key_text)
-        ep = cluster.by_id.get(known[0]) if known is not None else None  # one snapshot
+        holder = self.sent.last_holder(routed.parsed.key_text)
+        ep = cluster.by_id.get(holder) if holder is not None else None  # one snapshot
         if ep is not None and cluster.healthy(ep.id):
             self.counters.inc("routes.fallback_index")
             decision = self._count(Decision(ep, FALLBACK, 0, f"prefix index ({why})"))
@@ -203,17 +199,11 @@ class Gateway:
         return decision
 
     def _settle(self, routed: Routed, decision: Decision) -> Routed:
-        """Remember where the prompt went (that engine will hold it, before LMCache knows):
-        in the prefix index (for fallbacks), the recent routes (for prompts sharing its
-        prefix) and over its lookup answer (for repeats)."""
+        """Remember where the prompt went: that engine will hold it before LMCache knows."""
         assert routed.parsed is not None
         routed.decision = decision
-        ep = decision.endpoint.id
-        sent = routed.probe
-        if self.prefix_index.note(routed.key, routed.parsed.key_text, ep) and sent is not None:
-            self.recent.note(sent, ep)  # not for a repeat sent the same way just now
-        if routed.tokens is not None and routed.placements is not None:
-            self.lookups.overlay(routed.key, routed.placements, ep, len(routed.tokens))
+        self.sent.note(routed.key, routed.parsed.key_text, decision.endpoint.id, routed.probe,
+                       routed.tokens, routed.placements)
         return routed
 
     # ------------------------------------------------------------ 5. act in the background

@@ -113,3 +113,25 @@ def test_the_monitor_learns_full_slots_from_waiting_requests(monkeypatch) -> Non
     monitor.poll_metrics(ep)  # a moment with fewer running does not shrink it
     assert monitor.batch_slots("e1", 4.0) == 3.0
     assert time.monotonic() - monitor.stats["e1"].at < 5
+
+
+def test_where_a_prompt_was_sent_reaches_all_three_readers() -> None:
+    """placement.sent: one note feeds the fallback's prefix index, the recent routes a
+    fresh answer is merged with, and the overlay on the prompt's own lookup answer."""
+    from kvgate.observability.counters import Counters
+    from kvgate.placement.lookup_cache import LookupCache
+    from kvgate.placement.sent import SentRoutes
+
+    lookups = LookupCache(lambda tokens, timeout: [], 1.0, 0.0, 2, Counters())
+    sent = SentRoutes(100, 5.0, lookups)
+    doc = list(range(1000, 1000 + 2 * CHUNK + 10))
+    text = "system: " + " ".join(f"rule {i}." for i in range(100))
+    sent.note("k", text + " user: hi", "e1", doc, doc, [Placement("e2", "L", CHUNK)])
+    assert sent.last_holder(text + " user: and again?") == "e1"
+    assert sent.last_holder("another prompt " * 40) is None
+    placements, added = sent.add_recent(doc[: 2 * CHUNK] + [1], [Placement("e2", "L", CHUNK)])
+    assert added and {p.instance_id: p.tokens for p in placements} == {
+        "e1": 2 * CHUNK, "e2": CHUNK}
+    overlaid = {p.instance_id: p.tokens for p in lookups.recent("k")[0]}
+    assert overlaid["e1"] == len(doc)
+    assert sent.add_recent(list(range(9000, 9600)), []) == ([], False)
