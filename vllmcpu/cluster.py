@@ -37,7 +37,8 @@ What it does:
 
 Every socket is on 127.0.0.1 and every temp file under ``--state-dir``: ``run/`` (logs,
 TMPDIR, Prometheus and RPC files; wiped at start) and ``cache/`` (vLLM / torch compile
-caches, kept between runs).
+caches, kept between runs). A state dir too deep for unix socket paths is reached through
+a short link in /tmp, removed at exit (``socket_dir``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import queue
@@ -54,6 +56,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -276,6 +279,12 @@ class Cluster:
     ctl_ports: dict[str, int] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     syncs_before: dict[str, int] = field(default_factory=dict)  # at a controller restart
+    sockets: Path | None = None  # state/run, or a short link to it (see socket_dir)
+
+    @property
+    def run(self) -> Path:
+        """Where the children's temp files and sockets go, as they spell it."""
+        return self.sockets or self.state / "run"
 
     @property
     def children(self) -> list[Child]:
@@ -317,7 +326,7 @@ class Cluster:
     # ---- controller
 
     def controller_child(self) -> Child:
-        run = self.state / "run" / "controller"
+        run = self.run / "controller"
         tmp = run / "tmp"
         prom = run / "prometheus"
         for d in (tmp, prom):
@@ -335,7 +344,7 @@ class Cluster:
 
     def engine_child(self, e: Engine) -> Child:
         a = self.args
-        run = self.state / "run" / e.id
+        run = self.run / e.id
         tmp = run / "tmp"
         prom = run / "prometheus"
         for d in (tmp, prom):
@@ -557,6 +566,25 @@ def claim_state_dir(state: Path) -> Any:
     return lock
 
 
+SOCKET_PATH_ROOM = 48  # a unix socket path has 107 bytes; vLLM adds a folder and a uuid
+
+
+def socket_dir(state: Path) -> Path | None:
+    """vLLM binds ZMQ sockets under TMPDIR (``.../engine-1/tmp/<uuid>``), and a unix socket
+    path may not exceed 107 bytes: a state dir deep in a pytest tmp folder does. Then the
+    children see ``state/run`` through a short link in /tmp (the files stay in state/run;
+    the link is removed at exit). None when the path is short enough as it is."""
+    run = state / "run"
+    if len(str(run)) <= SOCKET_PATH_ROOM:
+        return None
+    digest = hashlib.sha1(str(run).encode()).hexdigest()[:10]
+    link = Path(tempfile.gettempdir()) / f"kvgate-vllm-{digest}"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(run, target_is_directory=True)
+    return link
+
+
 # ------------------------------------------------------------------ main
 
 class Stop(Exception):
@@ -674,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = a.state_dir.resolve()
     lock = claim_state_dir(state)
-    cluster = Cluster(a, state, a.model_dir.resolve())
+    cluster = Cluster(a, state, a.model_dir.resolve(), sockets=socket_dir(state))
     try:
         plan(cluster)
         if a.lmcache:
@@ -792,6 +820,8 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         stop_all(cluster.children)
+        if cluster.sockets is not None:
+            cluster.sockets.unlink(missing_ok=True)
         lock.close()
 
 
