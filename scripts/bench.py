@@ -283,6 +283,10 @@ def main() -> int:
                     help="two real vLLM CPU engines with LMCache and its controller "
                          "(scripts/vllm-cluster) instead of the simulator: the workloads that "
                          "fit them, prompts halved, 80%% load, TTFT objective 500 ms")
+    ap.add_argument("--attach", type=Path, metavar="CONFIG",
+                    help="with --real: use a running scripts/vllm-cluster (the kvgate config "
+                         "it wrote with --config-out) instead of starting one; its cache "
+                         "sizes are its own")
     ap.add_argument("--slo-ms", type=float, default=0.0,
                     help="one TTFT objective for every workload (default: each its own)")
     ap.add_argument("--speed", type=float, default=1.0,
@@ -290,6 +294,8 @@ def main() -> int:
                          "with it): more requests per second, more load on this machine")
     args = ap.parse_args()
     args.model = MODEL
+    if args.attach is not None and not (args.real and args.attach.is_file()):
+        ap.error("--attach takes the config file of a running scripts/vllm-cluster, with --real")
     if args.real:
         workloads.SIZE = 0.5
         if args.workloads == ",".join(WORKLOADS):
@@ -327,7 +333,7 @@ def main() -> int:
         if bad:
             ap.error(f"not with --real: {', '.join(bad)}")
         print("[bench] starting two real vLLM engines (scripts/vllm-cluster)", file=sys.stderr)
-        real = RealCluster(2, log_dir)
+        real = RealCluster(2, log_dir, args.attach)
     try:
         if real is not None:
             real.start()

@@ -198,6 +198,10 @@ def main() -> int:
     ap.add_argument("--real", action="store_true",
                     help="two real vLLM (CPU) engines + LMCache + its controller "
                          "(scripts/vllm-cluster) instead of the simulator")
+    ap.add_argument("--attach", type=Path, metavar="CONFIG",
+                    help="with --real: use a running scripts/vllm-cluster (the kvgate config "
+                         "it wrote with --config-out) instead of starting one; its cache "
+                         "sizes are its own, so the figures are not the demo's")
     ap.add_argument("--out", type=Path, default=None,
                     help="default out/demo (out/demo-real with --real)")
     ap.add_argument("--conversations", type=int, default=None,
@@ -210,6 +214,8 @@ def main() -> int:
     ap.add_argument("--time-scale", type=float, default=0.2, help="simulator only")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
+    if args.attach is not None and not (args.real and args.attach.is_file()):
+        ap.error("--attach takes the config file of a running scripts/vllm-cluster, with --real")
     if args.real:
         args.out = args.out or ROOT / "out" / "demo-real"
         args.conversations = args.conversations or 10
@@ -303,8 +309,14 @@ def real_workload(conversations: int, turns: int, seed: int) -> list[Conversatio
 
 
 @contextmanager
-def real_cluster(state: Path) -> Iterator[dict[str, Any]]:
-    """scripts/vllm-cluster with two engines until its ready line; stopped on exit."""
+def real_cluster(state: Path, attach: Path | None = None) -> Iterator[dict[str, Any]]:
+    """scripts/vllm-cluster with two engines until its ready line; stopped on exit. With
+    ``attach``, a running one (its kvgate config), left running."""
+    if attach is not None:
+        from benchlib.real_cluster import attached_info
+
+        yield attached_info(attach)
+        return
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     err = open(state.parent / "cluster.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([str(ROOT / "scripts" / "vllm-cluster"), "--engines", "2",
@@ -480,7 +492,7 @@ def real_main(args: argparse.Namespace) -> int:
           f"LMCache controller (scripts/vllm-cluster; a minute or two)", flush=True)
     results: dict[str, dict] = {}
     try:
-        with real_cluster(args.out / "cluster") as info:
+        with real_cluster(args.out / "cluster", args.attach) as info:
             model = info["model"]
             first = info["engines"][0]["url"]
             firsts = []

@@ -28,6 +28,21 @@ KV_BLOCKS = 150  # 19,200 tokens of vLLM KV per engine
 LMCACHE_GB = 0.009  # and about as much in LMCache's CPU tier
 
 
+def attached_info(config: Path) -> dict[str, Any]:
+    """A running ``scripts/vllm-cluster`` as its ready line describes it, read from the
+    kvgate config it wrote (``--config-out``): for ``--attach``. Its caches are its own
+    size, not the small ones this module starts with."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    kv = cfg["kvcache"]
+    engines = [{"id": e["id"], "core": "?",
+                "url": f"http://{e['socket_address']['address']}:{e['socket_address']['port']}"}
+               for c in cfg["clusters"] for e in c["endpoints"]]
+    return {"model": kv["default_model"], "engines": engines, "seconds": 0.0,
+            "controller": {"url": kv["lmcache_endpoint"]}, "config": cfg}
+
+
 def _post(url: str, body: Any = None, timeout: float = 60) -> Any:
     data = json.dumps(body).encode() if body is not None else b""
     req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
@@ -37,9 +52,10 @@ def _post(url: str, body: Any = None, timeout: float = 60) -> Any:
 
 
 class RealCluster:
-    def __init__(self, engines: int, log_dir: Path) -> None:
+    def __init__(self, engines: int, log_dir: Path, attach: Path | None = None) -> None:
         self.n = engines
         self.log_dir = log_dir
+        self.attach = attach
         self.info: dict[str, Any] = {}
         self.proc: subprocess.Popen[str] | None = None
         self._seen: dict[str, float] = {}
@@ -56,6 +72,9 @@ class RealCluster:
         return json.loads(json.dumps(self.info["config"]))  # a copy the caller may change
 
     def start(self) -> None:
+        if self.attach is not None:  # a cluster someone else started and will stop
+            self.info = attached_info(self.attach)
+            return
         state = self.log_dir / "vllm-cluster"
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         err = open(self.log_dir / "vllm-cluster.log", "w")  # noqa: SIM115 (the child's)

@@ -56,7 +56,7 @@ COVERED: list[tuple[str, str, str]] = [
      "tests/integration/test_debugging_doc.py::test_the_debugging_page_runs_as_written"),
     ("*", r"^kvgate-sim cluster .*--real-controller", "test_sim_real_controller_command"),
     ("*", r"^kvgate-sim (engine|controller) ", "test_sim_commands"),
-    ("*", r"^scripts/bench --real", "test_bench_real_quick"),
+    ("*", r"^scripts/bench --real", "tests/vllm/test_real_commands.py::test_bench_real_quick"),
     ("*", r"^scripts/bench --quick", "test_bench_quick"),
     ("*", r"^scripts/bench( |$)(?!--quick)", "test_bench_quick"),
     ("*", r"^scripts/bench_overhead", "test_benchmark_scripts_quick"),
@@ -273,7 +273,7 @@ def test_demo_real_quick(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["kvgate"]["failed"] == 0 and summary["round_robin"]["failed"] == 0, got.stdout
     assert summary["kvgate"]["prefix_hit_ratio"] > summary["round_robin"]["prefix_hit_ratio"]
-    assert "ran_on" in summary
+    assert summary["kvgate"]["ran_on"].startswith("vLLM ")  # the line saying where it ran
 
 
 def test_bench_quick(tmp_path: Path) -> None:
@@ -288,23 +288,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert (tmp_path / "ttft_p99_vs_load.png").exists()
 
 
-@pytest.mark.vllm
-def test_bench_real_quick(tmp_path: Path) -> None:
-    """scripts/bench --real on its own two real engines, quick: kvgate and round robin."""
-    if not (ROOT / ".venv-vllm" / ".kvgate-vllm").exists() and not os.environ.get("CI"):
-        pytest.skip("scripts/vllm-cluster --install-only first")
-    got = _run(["scripts/bench", "--real", "--quick", "--routers", "round_robin,kvgate",
-                "--capacity-seconds", "2", "--out", str(tmp_path)], 600)
-    assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
-    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert {r["router"] for r in runs} == {"round_robin", "kvgate"}
-    assert all(r["failed"] == 0 and r["requests"] > 0 for r in runs)
-    kvgate = next(r for r in runs if r["router"] == "kvgate")
-    assert kvgate["hit_ratio"] > 0  # the real engines reported cached tokens
-
-
 QUICK_BENCHES = [
-    ["scripts/bench_overhead", "--seconds", "0.3", "--repeats", "1"],
+    ["scripts/bench_overhead", "--seconds", "0.3", "--repeats", "1", "--connections", "1"],
     [".venv/bin/python", "scripts/bench_long_prompts.py", "--repeats", "1", "--sizes", "1k"],
     [".venv/bin/python", "scripts/bench_memory.py", "distinct", "--prompts", "200"],
     [".venv/bin/python", "scripts/bench_memory.py", "flood", "--prompts", "2", "--mib", "1"],
