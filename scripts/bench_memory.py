@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "addon"))
+from kvgate.sim.fast import Framed, response  # noqa: E402
 from kvgate.sim.ports import free_port, wait_port  # noqa: E402
 from kvgate.sim.run import stop  # noqa: E402
 
@@ -39,50 +40,21 @@ WORDS = [f"w{i}" for i in range(5000)]
 # ------------------------------------------------------------ stand-ins (own processes)
 
 
-def _answer(payload: object, status: str = "200 OK") -> bytes:
-    body = json.dumps(payload).encode()
-    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode() + body
-
-
-class _Stand(asyncio.Protocol):
+class _Stand(Framed):
     """Engine and controller in one: /tokenize (one id per word), /lookup, completions."""
 
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(self.buf[:end])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if len(self.buf) < end + 4 + length:
-                return
-            body = bytes(self.buf[end + 4:end + 4 + length])
-            del self.buf[:end + 4 + length]
-            assert self.transport is not None
-            self.transport.write(self._reply(head, body))
+    def handle(self, head: bytes, body: bytes) -> None:
+        self.reply(self._reply(head, body))
 
     @staticmethod
     def _reply(head: bytes, body: bytes) -> bytes:
         if head.startswith(b"POST /tokenize"):
             text = json.loads(body).get("prompt", "")
             ids = [zlib.crc32(w.encode()) % 50_000 + 100 for w in text.split()]
-            return _answer({"count": len(ids), "tokens": ids})
+            return response({"count": len(ids), "tokens": ids})
         if head.startswith(b"POST /lookup"):
-            return _answer({"event_id": "e", "layout_info": {"engine-1": ["L", 256]}})
-        return _answer({"id": "x", "choices": [{"text": "ok"}], "usage": {}})
+            return response({"event_id": "e", "layout_info": {"engine-1": ["L", 256]}})
+        return response({"id": "x", "choices": [{"text": "ok"}], "usage": {}})
 
 
 async def _serve(port: int) -> None:

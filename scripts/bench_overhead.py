@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "addon"))
 from kvgate.sim.ports import free_port, free_ports, wait_port  # noqa: E402
+from kvgate.sim.run import stop  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PROMPTS = 64
@@ -40,17 +40,6 @@ def start(args: list[str], extra_env: dict[str, str] | None = None) -> subproces
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(extra_env or {})
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Ctrl-C, then kill if it has not ended within ``timeout``."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def bodies() -> list[bytes]:

@@ -121,10 +121,7 @@ def play(port: int, convs: list[Conversation], clients: int, bar: tqdm) -> Resul
                         r.raise_for_status()
                         engine = r.headers.get("x-engine-id")
                         ttft = float(r.headers["x-sim-ttft-ms"])
-                        for line in r.iter_lines():
-                            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                                continue
-                            event = json.loads(line[6:])
+                        for event in sse_events(r):
                             if event.get("usage"):
                                 usage = event["usage"]
                             for ch in event.get("choices", []):
@@ -308,6 +305,13 @@ def real_workload(conversations: int, turns: int, seed: int) -> list[Conversatio
     return out
 
 
+def sse_events(r: requests.Response) -> Iterator[dict[str, Any]]:
+    """The JSON events of a streamed answer, ``[DONE]`` and other lines left out."""
+    for line in r.iter_lines():
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            yield json.loads(line[6:])
+
+
 @contextmanager
 def real_cluster(state: Path, attach: Path | None = None) -> Iterator[dict[str, Any]]:
     """scripts/vllm-cluster with two engines until its ready line; stopped on exit. With
@@ -433,10 +437,7 @@ def play_real(port: int, model: str, convs: list[Conversation], clients: int,
                         r.raise_for_status()
                         engine = r.headers.get("x-kvcache-endpoint") or "?"
                         route = r.headers.get("x-kvcache-route") or "?"
-                        for line in r.iter_lines():
-                            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                                continue
-                            event = json.loads(line[6:])
+                        for event in sse_events(r):
                             if event.get("usage"):
                                 usage = event["usage"]
                             for ch in event.get("choices", []):

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "addon"))
 from kvgate.sim.cli import Cluster, start_on_free_ports  # noqa: E402
 from kvgate.sim.engine import EngineParams  # noqa: E402
 from kvgate.sim.ports import free_port, wait_port  # noqa: E402
+from kvgate.sim.run import stop  # noqa: E402
 
 ADDON = ROOT / "addon" / "kvcache.py"
 MITMWEB = Path(sys.executable).parent / "mitmweb"
@@ -89,13 +90,7 @@ class MitmWeb:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop(self.proc)
 
 
 def start_mitmweb(workdir: Path, config: dict[str, Any], mode: str | None,
