@@ -526,6 +526,24 @@ class Cluster:
         coming[name] = time.monotonic()
         return {**out, "ok": True, "pid": child.pid, "log": str(child.log)}
 
+    def pending(self, name: str) -> str:
+        """What a restarted part still waits for, for the progress line."""
+        _, engine = self.part(name)
+        if engine is not None:
+            return ("not healthy" if not engine.healthy else
+                    "not registered" if self.args.lmcache and not engine.registered else
+                    "frozen for a sync")
+        if not self.controller_up():
+            return "not answering"
+        parts = []
+        for e in self.engines:
+            if not self.registered(e):
+                parts.append(f"{e.id} not registered")
+            elif e.child and (_read(e.child.log).count(FREEZE_OUT)
+                              <= self.syncs_before.get(e.id, -1)):
+                parts.append(f"{e.id} not synced")
+        return "; ".join(parts) or "first full sync running"
+
     def came_up(self, name: str) -> bool:
         """A restarted controller: it answers and every worker has re-registered (on its
         next heartbeat) and sent it a full sync of what it holds. A restarted engine:
@@ -790,6 +808,7 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()
         down: set[str] = set()  # stopped on purpose (--control)
         coming: dict[str, float] = {}  # restarted, not healthy yet
+        told: dict[str, float] = {}  # when a restarting part's progress was last said
         while True:
             time.sleep(0.1 if coming else 0.5)
             if os.getppid() != parent:
@@ -800,7 +819,12 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"control: {line} -> {answer}")
                 print(f"{PREFIX} control " + json.dumps(answer), flush=True)
             for name, since in list(coming.items()):
+                waited = time.monotonic() - since
+                if waited - told.get(name, 0.0) >= 2 * a.progress_every:
+                    told[name] = waited
+                    say(f"{name} restarting, {waited:.0f}s: {cluster.pending(name)}")
                 if cluster.came_up(name):
+                    told.pop(name, None)
                     del coming[name]
                     child, _ = cluster.part(name)
                     up = {"id": name, "pid": child.pid if child else 0,

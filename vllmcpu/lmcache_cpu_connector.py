@@ -29,9 +29,10 @@ What it does, loaded by vLLM through
 - It keeps LMCache's controller worker on loopback: stock 0.5.6 binds the worker's REP
   socket on ``*:port`` and registers the machine's outward IP (``get_ip()``); here it binds
   ``127.0.0.1:port`` and registers ``127.0.0.1``.
-- It opens the worker's register and heartbeat sockets with ``ZMQ_IMMEDIATE``, working
-  around a 0.5.6 race that leaves a worker unsynced after a controller restart (see
-  ``install``). Stock LMCache on GPUs has that race.
+- It opens the worker's register and heartbeat sockets with ``ZMQ_IMMEDIATE`` and keeps
+  the heartbeat socket when an answer is late, working around two 0.5.6 races that leave
+  a worker unsynced after a controller restart (see ``install``). Stock LMCache on GPUs
+  has those races.
 """
 
 from __future__ import annotations
@@ -270,6 +271,55 @@ def install() -> None:
         return sock
 
     worker.get_zmq_socket_with_timeout = immediate_socket
+
+    import msgspec
+    from lmcache.v1.cache_controller.message import HeartbeatRetMsg, Msg
+
+    async def patient_heartbeat(self: Any, msg: Any) -> Any:
+        """A heartbeat that keeps its socket when the answer is late. Stock 0.5.6 opens a
+        new socket after its receive timeout (5 s), and the answer that arrives later is
+        lost with the old one. A controller that is slow to start (seconds between binding
+        its port and reading from it, under load) registers the worker from a heartbeat
+        queued meanwhile and answers it with the worker's one full-sync request; once
+        another worker has synced, 0.5.6 counts the never-asked one as synced too, and the
+        controller never learns what it holds. Here a late answer stays queued and is read
+        with the next heartbeat, and every answer waiting then is read, so no command is
+        lost; only a ZMQ error opens a new socket."""
+        sock = self.heartbeat_socket
+        if sock is None:
+            return HeartbeatRetMsg()
+        try:
+            await sock.send_multipart([b"", msgspec.msgpack.encode(msg)])
+        except zmq.Again:  # no controller connected (ZMQ_IMMEDIATE): nothing was queued
+            return HeartbeatRetMsg()
+        except zmq.ZMQError as e:
+            log.error("Heartbeat send failed, recreating socket: %s", e)
+            self._recreate_heartbeat_socket()
+            return HeartbeatRetMsg()
+        answers: list[Any] = []
+        try:
+            answers.append(await sock.recv_multipart())
+            while True:  # answers that came late for earlier heartbeats
+                answers.append(await sock.recv_multipart(flags=zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as e:
+            log.error("Heartbeat receive failed, recreating socket: %s", e)
+            self._recreate_heartbeat_socket()
+        commands: list[Any] = []
+        for frames in answers:
+            try:
+                ret = msgspec.msgpack.decode(frames[-1], type=Msg)
+            except (msgspec.DecodeError, IndexError) as e:
+                log.error("Unreadable heartbeat answer: %s", e)
+                continue
+            if isinstance(ret, HeartbeatRetMsg) and ret.commands:
+                commands.extend(ret.commands)
+        if not answers:
+            log.warning("Heartbeat answer late; it is read with the next heartbeat")
+        return HeartbeatRetMsg(commands=commands)
+
+    worker.LMCacheWorker._send_heartbeat_msg = patient_heartbeat
     _patched = True
 
 

@@ -55,18 +55,32 @@ pytestmark = pytest.mark.vllm
 
 # ------------------------------------------------------------------ the tests
 
-def test_lmcache_cpu_connector_matches_vllm_cpu_kv_layout(tmp_path: Path) -> None:
-    """Our LMCache connector reads and writes K and V per token where vLLM's CPU kernel
-    puts them (tests/vllm/connector_layout_check.py, run in .venv-vllm)."""
+def run_check(script: str, tmp_path: Path) -> None:
+    """Run one of tests/vllm's check scripts in .venv-vllm; it prints OK or raises."""
     require_vllm_venv()
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update({"PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path),
                 "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "HF_HUB_OFFLINE": "1",
                 "LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1"})
     run = subprocess.run([str(ROOT / ".venv-vllm" / "bin" / "python"),
-                          str(Path(__file__).parent / "connector_layout_check.py")],
+                          str(Path(__file__).parent / script)],
                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stderr[-3000:]
+
+
+def test_lmcache_cpu_connector_matches_vllm_cpu_kv_layout(tmp_path: Path) -> None:
+    """Our LMCache connector reads and writes K and V per token where vLLM's CPU kernel
+    puts them (tests/vllm/connector_layout_check.py, run in .venv-vllm)."""
+    run_check("connector_layout_check.py", tmp_path)
+
+
+def test_a_late_heartbeat_answer_keeps_its_full_sync_command(tmp_path: Path) -> None:
+    """A controller slow to start answers a worker's heartbeat after the worker's receive
+    timeout, with the worker's one full-sync request; the worker still gets and runs it
+    (tests/vllm/heartbeat_race_check.py, run in .venv-vllm). Stock lmcache 0.5.6 drops it
+    with the socket it recreates, and the controller never learns what the worker holds:
+    the cause of a failed CI run of the controller-restart test."""
+    run_check("heartbeat_race_check.py", tmp_path)
 
 
 def test_second_turn_of_a_chat_goes_to_the_engine_that_served_the_first(
