@@ -92,3 +92,61 @@ def test_lone_surrogate_prompt_is_keyed_without_error() -> None:
     parsed = parse_body(b'{"prompt": "\\ud800 text"}', "dflt")
     key = cache_key(parsed.model, parsed.key_text)
     assert len(key) == 64
+
+
+# ---- big token-id bodies: decoded in slices off the event loop (issue 11, long prompts)
+
+def _outcome(body: bytes, off_loop: bool) -> tuple[object, ...]:
+    try:
+        p = parse_body(body, "default-model", off_loop=off_loop)
+    except NotParsed as e:
+        return ("not parsed", str(e))
+    ids = p.token_ids
+    return (p.model, p.prompt, p.key, p.key_text, p.prefixes,
+            None if ids is None else (list(ids), ids.json))
+
+
+BIG = list(range(0, 120_000, 3)) + [MAX_TOKEN_ID, 0, 1, 0]
+
+
+@pytest.mark.parametrize("body", [
+    json.dumps({"model": "m", "prompt": BIG}).encode(),
+    json.dumps({"model": "m", "prompt": BIG}, indent=1).encode(),  # whitespace everywhere
+    json.dumps({"prompt": BIG, "model": 7}).encode(),  # bad model: the default
+    json.dumps({"model": "m", "prompt": [BIG, [1, 2]]}).encode(),  # a batch: general path
+    json.dumps({"model": "m", "prompt": BIG + [1.5]}).encode(),  # a float: not ids
+    json.dumps({"model": "m", "prompt": BIG + [True]}).encode(),  # a bool: not ids
+    json.dumps({"model": "m", "prompt": BIG + [-1]}).encode(),
+    json.dumps({"model": "m", "prompt": BIG + [MAX_TOKEN_ID + 1]}).encode(),
+    json.dumps({"model": "m", "prompt": BIG + [2**32]}).encode(),
+    json.dumps({"model": "m", "prompt": BIG + [2**70]}).encode(),
+    json.dumps({"model": "m", "prompt": BIG}).encode().replace(b", 3,", b", 03,"),  # not JSON
+    json.dumps({"model": "m", "prompt": BIG}).encode()[:-2],  # truncated
+    json.dumps({"model": "m", "prompt": []}).encode() + b" " * 200_000,
+    b'{"model": "m", "prompt": [1, 2], "prompt": ' + json.dumps(BIG).encode() + b"}",
+    b'{"model": "m", "x": {"prompt": [1, 2]}, "pr\\u006fmpt": ' + json.dumps(BIG).encode()
+    + b"}",
+    json.dumps({"model": "m", "prompt": "text " * 40_000}).encode(),
+    json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 200_000}],
+                "prompt": None}).encode(),
+], ids=["ids", "indented", "bad-model", "batch", "float", "bool", "negative", "over-max",
+        "over-u32", "huge", "leading-zero", "truncated", "empty", "duplicate-key",
+        "escaped-key", "text", "chat"])
+def test_big_bodies_parse_alike_on_and_off_the_loop(body: bytes) -> None:
+    """Off the loop a big body's ids are decoded in slices (msgspec finds the prompt, orjson
+    decodes 64 KiB at a time); the outcome must be the one-call parse's, bad input too."""
+    assert len(body) > 128 * 1024
+    assert _outcome(body, off_loop=True) == _outcome(body, off_loop=False)
+
+
+def test_a_big_id_list_is_decoded_in_slices_with_pauses() -> None:
+    from kvgate.request import parsing
+
+    body = json.dumps({"model": "m", "prompt": BIG}).encode()
+    pauses: list[int] = []
+    parsed = parsing._big_ids(body, "d", lambda: pauses.append(1))
+    assert parsed is not None and list(parsed.token_ids or []) == BIG
+    # one pause a 64 KiB slice, and one before the first
+    assert len(pauses) == 1 + -(-len(json.dumps(BIG).replace(" ", "")) // parsing.SLICE)
+    assert parsed.token_ids is not None and parsed.token_ids.json == json.dumps(
+        BIG, separators=(",", ":")).encode()

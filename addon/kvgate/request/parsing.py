@@ -10,6 +10,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
 
 from ..tokens.cache import PackedTokens
@@ -163,12 +164,66 @@ def _let_the_loop_run() -> None:
     time.sleep(0)
 
 
+class _Shape(msgspec.Struct):
+    """What a big token-id body is routed on; the prompt is kept as its JSON text."""
+
+    model: Any = None
+    prompt: msgspec.Raw = msgspec.Raw(b"")
+
+
+_SHAPE = msgspec.json.Decoder(_Shape)
+_SPACE = b" \t\r\n"
+_ID_CHARS = b"0123456789,"
+SLICE = 64 * 1024  # bytes of ids decoded per C call (~0.3 ms here)
+
+
+def _big_ids(body: bytes, default_model: str,
+             pause: Any) -> ParsedRequest | None:
+    """A big body whose prompt is one flat list of ids, decoded in slices with the GIL
+    given away between them: ``orjson.loads`` of a 128k-id body is one C call of 4-6 ms
+    that holds the event loop. msgspec checks the whole body and hands back the prompt's
+    JSON text unparsed (~1 ms); a text of only digits and commas splits at any comma into
+    valid lists, and is already the compact JSON the ``/lookup`` body needs. None: not
+    such a body (the general path decides)."""
+    try:
+        shape = _SHAPE.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    model = shape.model if isinstance(shape.model, str) and shape.model else default_model
+    flat = bytes(shape.prompt).translate(None, _SPACE)
+    del shape
+    if len(flat) < 3 or flat[0] != 0x5B or flat[-1] != 0x5D:  # not a non-empty [...]
+        return None
+    if flat.translate(None, _ID_CHARS) != b"[]":  # floats, signs, bools, nested lists
+        return None
+    pause()
+    ids: array[int] = array("I")
+    i, end = 1, len(flat) - 1
+    try:
+        while i < end:
+            j = flat.find(b",", min(i + SLICE, end))
+            j = end if j < 0 else j
+            ids.extend(orjson.loads(b"[" + flat[i:j] + b"]"))
+            i = j + 1
+            pause()
+    except (ValueError, OverflowError, TypeError):  # leading zeros; > 2**32-1; > 2**64
+        return None
+    data = ids.tobytes()
+    if data[_HIGH::4].translate(None, _LOW7):  # an id > 2**31-1
+        return None
+    return _ids_request(model, PackedTokens(data, flat))
+
+
 def parse_body(body: bytes, default_model: str, off_loop: bool = False) -> ParsedRequest:
     """Model and prompt from a completions or chat body; NotParsed when we should not route.
     ``off_loop``: on a routing thread, pause between stages for the event loop."""
     pause = _let_the_loop_run if off_loop else _nothing
     if not body:
         raise NotParsed("empty body")
+    if off_loop and b'"prompt"' in body:
+        big = _big_ids(body, default_model, pause)
+        if big is not None:
+            return big
     try:  # orjson: 2-3x faster; json for what it refuses (lone surrogates, NaN)
         payload = orjson.loads(body)
     except (ValueError, RecursionError):
