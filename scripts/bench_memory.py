@@ -10,7 +10,7 @@ and its defaults (health checks and all), against loopback stand-ins started her
   mitmdump and once through mitmdump + kvgate: the difference is what kvgate adds.
 RSS is read from /proc (VmRSS, and VmHWM for the peak).
 
-  .venv/bin/python scripts/bench_memory.py distinct [--prompts N] [--connections C]
+  .venv/bin/python scripts/bench_memory.py distinct [--prompts N] [--connections C] [--bare]
   .venv/bin/python scripts/bench_memory.py flood [--prompts M] [--mib S]
 """
 
@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--mib", type=float, default=7.9,
                     help="prompt MiB; 7.9 keeps the body under max_body_bytes: it is read")
+    ap.add_argument("--bare", action="store_true",
+                    help="distinct: mitmdump without kvgate (what mitmproxy itself grows by)")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -177,12 +179,13 @@ def main() -> None:
 def _distinct(args: argparse.Namespace, stand: int, tmp: Path) -> None:
     count = args.prompts or 1_000_000
     port = free_port()
-    proc = _mitmdump(port, stand, tmp, kvgate=True)
+    proc = _mitmdump(port, stand, tmp, kvgate=not args.bare)
+    what = "bare mitmdump" if args.bare else "mitmdump + kvgate"
     try:
         wait_port(port, 60)
         time.sleep(2)
         idle = _rss(proc.pid)[0]
-        print(f"mitmdump + kvgate, started, idle: {idle:.0f} MB RSS", flush=True)
+        print(f"{what}, started, idle: {idle:.0f} MB RSS", flush=True)
         t0 = time.monotonic()
 
         def progress(done: int) -> None:

@@ -135,3 +135,17 @@ def test_where_a_prompt_was_sent_reaches_all_three_readers() -> None:
     overlaid = {p.instance_id: p.tokens for p in lookups.recent("k")[0]}
     assert overlaid["e1"] == len(doc)
     assert sent.add_recent(list(range(9000, 9600)), []) == ([], False)
+
+
+def test_chunks_past_the_window_are_dropped_so_distinct_prompts_do_not_fill_the_map() -> None:
+    """A stream of distinct prompts kept every chunk until ``capacity`` (100 000, ~20 MB):
+    mitmdump grew by 4 blocks a request in the 1M-prompt memory run. Only the window's
+    worth is kept now."""
+    clock = FakeClock()
+    recent = RecentRoutes(window=5.0, clock=clock)
+    for i in range(2000):  # 100 prompts a second for 20 s, one chunk each
+        recent.note(list(range(i * CHUNK, (i + 1) * CHUNK)), "e1")
+        clock.advance(0.01)
+    assert len(recent) <= 501  # the last 5 s
+    last = list(range(1999 * CHUNK, 2000 * CHUNK))
+    assert recent.held(last) == {"e1": CHUNK}  # what is in the window still counts

@@ -10,7 +10,8 @@ closes that gap: for ``window`` seconds after a request was sent, its chunks cou
 by its engine. Past the window, LMCache's own answer is the truth (engines evict).
 
 Chunks are chained hashes of the packed token ids, like LMCache's own keys; at most
-``MAX_CHUNKS`` per prompt are kept, and the map is bounded in entries.
+``MAX_CHUNKS`` per prompt are kept; chunks past the window are dropped as new ones come,
+and the map is bounded in entries too.
 """
 
 from __future__ import annotations
@@ -59,10 +60,20 @@ class RecentRoutes:
             return
         chain = _chain(tokens)
         now = self._clock()
+        oldest = now - self.window
         with self._lock:
             for _, h in chain:
                 self._map[h] = (endpoint_id, now)
                 self._map.move_to_end(h)
+            # the map is in the order chunks were noted: what is past the window is at the
+            # front, and no use to anyone (distinct prompts would otherwise fill it to
+            # ``capacity``, ~20 MB, and keep it there)
+            m = self._map
+            while m:
+                first = next(iter(m))
+                if m[first][1] >= oldest:
+                    break
+                del m[first]
             while len(self._map) > self.capacity:
                 self._map.popitem(last=False)
 
