@@ -292,6 +292,7 @@ QUICK_BENCHES = [
     ["scripts/bench_overhead", "--seconds", "0.3", "--repeats", "1", "--connections", "1"],
     [".venv/bin/python", "scripts/bench_long_prompts.py", "--repeats", "1", "--sizes", "1k"],
     [".venv/bin/python", "scripts/bench_memory.py", "distinct", "--prompts", "200"],
+    [".venv/bin/python", "scripts/bench_memory.py", "distinct", "--prompts", "100", "--bare"],
     [".venv/bin/python", "scripts/bench_memory.py", "flood", "--prompts", "2", "--mib", "1"],
     [".venv/bin/python", "scripts/bench_framing.py", "--calls", "50,150"],
     [".venv/bin/python", "scripts/bench_engine_kill.py", "--runs", "1", "--seconds", "2"],
