@@ -526,34 +526,37 @@ class Cluster:
         coming[name] = time.monotonic()
         return {**out, "ok": True, "pid": child.pid, "log": str(child.log)}
 
+    def controller_waits(self) -> list[str]:
+        """What a restarted controller still waits for; empty once it answers and every
+        worker has re-registered (on its next heartbeat) and sent it a full sync."""
+        if not self.controller_up():
+            return ["not answering"]
+        waits = []
+        for e in self.engines:
+            if not self.registered(e):
+                waits.append(f"{e.id} not registered")
+            elif e.child and (_read(e.child.log).count(FREEZE_OUT)
+                              <= self.syncs_before.get(e.id, -1)):
+                waits.append(f"{e.id} not synced")
+        if not waits and not self.synced():
+            waits.append("first full sync running")
+        return waits
+
     def pending(self, name: str) -> str:
         """What a restarted part still waits for, for the progress line."""
         _, engine = self.part(name)
-        if engine is not None:
-            return ("not healthy" if not engine.healthy else
-                    "not registered" if self.args.lmcache and not engine.registered else
-                    "frozen for a sync")
-        if not self.controller_up():
-            return "not answering"
-        parts = []
-        for e in self.engines:
-            if not self.registered(e):
-                parts.append(f"{e.id} not registered")
-            elif e.child and (_read(e.child.log).count(FREEZE_OUT)
-                              <= self.syncs_before.get(e.id, -1)):
-                parts.append(f"{e.id} not synced")
-        return "; ".join(parts) or "first full sync running"
+        if engine is None:
+            return "; ".join(self.controller_waits())
+        return ("not healthy" if not engine.healthy else
+                "not registered" if self.args.lmcache and not engine.registered else
+                "frozen for a sync")
 
     def came_up(self, name: str) -> bool:
-        """A restarted controller: it answers and every worker has re-registered (on its
-        next heartbeat) and sent it a full sync of what it holds. A restarted engine:
-        healthy, registered, not frozen for a sync."""
+        """A restarted controller: nothing left in ``controller_waits``. A restarted
+        engine: healthy, registered, not frozen for a sync."""
         child, engine = self.part(name)
         if engine is None:
-            return (self.controller_up() and all(self.registered(e) for e in self.engines)
-                    and self.synced()
-                    and all(_read(e.child.log).count(FREEZE_OUT) > self.syncs_before.get(e.id, -1)
-                            for e in self.engines if e.child))
+            return not self.controller_waits()
         if not engine.healthy:
             engine.healthy = http("GET", engine.url + "/health", timeout=1.0)[0] == 200
         if engine.healthy and self.args.lmcache and not engine.registered:

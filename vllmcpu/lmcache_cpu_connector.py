@@ -302,7 +302,8 @@ def install() -> None:
             while True:  # answers that came late for earlier heartbeats
                 answers.append(await sock.recv_multipart(flags=zmq.NOBLOCK))
         except zmq.Again:
-            pass
+            if not answers:
+                log.warning("Heartbeat answer late; it is read with the next heartbeat")
         except zmq.ZMQError as e:
             log.error("Heartbeat receive failed, recreating socket: %s", e)
             self._recreate_heartbeat_socket()
@@ -315,8 +316,6 @@ def install() -> None:
                 continue
             if isinstance(ret, HeartbeatRetMsg) and ret.commands:
                 commands.extend(ret.commands)
-        if not answers:
-            log.warning("Heartbeat answer late; it is read with the next heartbeat")
         return HeartbeatRetMsg(commands=commands)
 
     worker.LMCacheWorker._send_heartbeat_msg = patient_heartbeat

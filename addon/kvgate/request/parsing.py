@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,7 +179,7 @@ SLICE = 64 * 1024  # bytes of ids decoded per C call (~0.3 ms here)
 
 
 def _big_ids(body: bytes, default_model: str,
-             pause: Any) -> ParsedRequest | None:
+             pause: Callable[[], None]) -> ParsedRequest | None:
     """A big body whose prompt is one flat list of ids, decoded in slices with the GIL
     given away between them: ``orjson.loads`` of a 128k-id body is one C call of 4-6 ms
     that holds the event loop. msgspec checks the whole body and hands back the prompt's
