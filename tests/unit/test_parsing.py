@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from kvgate.request.parsing import MAX_TOKEN_ID, NotParsed, cache_key, parse_body
+
+ADDON = Path(__file__).resolve().parents[2] / "addon"
 
 
 def _parse(payload: object, default_model: str = "dflt"):
@@ -82,16 +87,24 @@ def test_bad_model_takes_default(model: object) -> None:
     assert _parse({"model": model, "prompt": "p"}, "dflt").model == "dflt"
 
 
-def test_cache_key_is_sha256_of_model_nul_prompt() -> None:
-    want = hashlib.sha256(b"m1\x00prompt-1").hexdigest()
-    assert cache_key("m1", "prompt-1") == want
+def test_cache_key_is_a_128_bit_hash_of_model_and_prompt_keyed_per_process() -> None:
+    key = cache_key("m1", "prompt-1")
+    assert len(key) == 32 and int(key, 16) >= 0
+    assert cache_key("m1", "prompt-1") == key  # stable within the process
     assert cache_key("m1", "x") != cache_key("m2", "x")
+    assert cache_key("m1", "prompt-1 ") != key
+    # another process keys the same prompt differently: keys cannot be made to collide
+    # from outside
+    code = "from kvgate.request.parsing import cache_key; print(cache_key('m1', 'prompt-1'))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONPATH": str(ADDON)}).stdout
+    assert other.strip() != key and len(other.strip()) == 32
 
 
 def test_lone_surrogate_prompt_is_keyed_without_error() -> None:
     parsed = parse_body(b'{"prompt": "\\ud800 text"}', "dflt")
     key = cache_key(parsed.model, parsed.key_text)
-    assert len(key) == 64
+    assert len(key) == 32
 
 
 # ---- big token-id bodies: decoded in slices off the event loop (issue 11, long prompts)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import sys
 import time
 from array import array
@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 import orjson
+import xxhash
 
 from ..tokens.cache import PackedTokens
 
@@ -50,13 +51,13 @@ class ParsedRequest:
 
     @property
     def key(self) -> str:
-        """The prompt's key: the seed's ``cache_key`` of model and text; for token ids a
-        SHA-256 of the packed ids (all of them, in C: no text is built)."""
+        """The prompt's key: ``cache_key`` of model and text; for token ids a hash of the
+        packed ids (all of them, in C: no text is built)."""
         return self.ids_key or cache_key(self.model, self.prompt)
 
 
 def _ids_request(model: str, ids: PackedTokens) -> ParsedRequest:
-    h = hashlib.sha256((model + "\x00ids:").encode("utf-8", "surrogatepass"))
+    h = xxhash.xxh3_128((model + "\x00ids:").encode("utf-8", "surrogatepass"), seed=_KEY_SEED)
     h.update(ids.data)
     text = "ids:" + ",".join(map(str, ids[:TEXT_IDS].tolist()))
     return ParsedRequest(model=model, prompt="", token_ids=ids, ids_text=text,
@@ -67,9 +68,17 @@ class NotParsed(Exception):
     """The body is not something we route on; the reason is safe to log (no prompt text)."""
 
 
+_KEY_SEED = int.from_bytes(os.urandom(8), "little")
+"""Per process: nobody outside can pick two prompts that share a key."""
+
+
 def cache_key(model: str, text: str) -> str:
-    """The seed's key: SHA-256 of model + NUL + prompt. Also what logs show instead of text."""
-    return hashlib.sha256((model + "\x00" + text).encode("utf-8", "surrogatepass")).hexdigest()
+    """The prompt's key (token cache, hot tracker, ``prompt_hash`` in logs and flows): the
+    seed's SHA-256 of model + NUL + prompt, as a 128-bit XXH3 keyed per process. SHA-256
+    cost 28 instructions a byte where the CPU has no SHA extensions (and under callgrind),
+    ~45 000 for a 1.6 KB prompt; XXH3 costs under 1 000, and 5x less time here with them."""
+    return xxhash.xxh3_128_hexdigest((model + "\x00" + text).encode("utf-8", "surrogatepass"),
+                                     seed=_KEY_SEED)
 
 
 def _token_array(value: Any) -> array[int] | None:
