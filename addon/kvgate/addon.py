@@ -37,6 +37,13 @@ def _header(headers: http.Headers, name: bytes) -> str:
     return ""
 
 
+def _host_header(req: http.Request) -> str | None:
+    """``req.host_header``; for HTTP/1 read off the raw fields (see ``_header``)."""
+    if req.data.http_version.startswith(b"HTTP/1"):
+        return _header(req.data.headers, b"host") or None
+    return req.host_header
+
+
 def _unparseable(gw: Gateway, req: http.Request) -> str | None:
     """Why this request's body is not read (None: read it)."""
     if req.method != "POST":
@@ -254,7 +261,7 @@ class KVCacheAddon:
             req.scheme = ep.scheme
             req.host = ep.host
             req.port = ep.port
-        if req.host_header != ep.hostport:
+        if _host_header(req) != ep.hostport:
             req.host_header = ep.hostport
         gw.fleet.clusters[cluster].begin(ep.id)
         self._owners[flow.id] = gw

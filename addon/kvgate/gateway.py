@@ -47,6 +47,7 @@ class Gateway:
         self.cfg = cfg
         kv = self.kv = cfg.kvcache
         self.counters = Counters()
+        self.routing_budget = min(kv.lookup_routing_timeout, kv.request_timeout)
         self.helpers = Helpers(kv)
         self.fleet = Fleet(cfg, self.helpers.registry, self.counters)
         # one policy per cluster: a policy's state (a rotation, a tree) is its cluster's
@@ -81,10 +82,6 @@ class Gateway:
 
     def route_for(self, path: str) -> Route | None:
         return self.cfg.route_for(path)
-
-    @property
-    def routing_budget(self) -> float:
-        return min(self.kv.lookup_routing_timeout, self.kv.request_timeout)
 
     def route(self, cluster_name: str, body: bytes) -> Routed:
         """Blocking form of ``route_async`` for threads and tests (its own event loop)."""
@@ -220,9 +217,10 @@ class Gateway:
                    cancel: threading.Event | None = None) -> threading.Event | None:
         """Queue cache management for the request: the event (set when the client goes
         away) stops it. None when nothing was queued (nothing to do, or the pool is full)."""
-        job = self.job(routed)
-        if job is None or not self.cache.wanted(job):
+        if routed.parsed is None or not self.cache.wanted(routed.tokens, routed.body):
             return None
+        job = self.job(routed)
+        assert job is not None
         cancel = cancel if cancel is not None else threading.Event()
         return cancel if self.cache.submit(job, cancel) else None
 

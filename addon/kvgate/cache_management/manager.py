@@ -79,20 +79,21 @@ class CacheManager:
         self._content_lock = threading.Lock()
         self._closed = threading.Event()
 
-    def wanted(self, job: Job) -> bool:
-        """Whether cache management could do anything for this request."""
+    def wanted(self, tokens: Tokens | None, body: bytes) -> bool:
+        """Whether cache management could do anything for a request (asked before its
+        ``Job`` is built: most requests need none)."""
         if self._closed.is_set():
             return False
         cs = self.cs
         if cs.enable_compression or cs.enable_pinning or cs.enable_eviction:
             return True
         # no action can follow: only tokens to learn, if they are unknown and can be kept
-        return (job.tokens is None and self.token_cache.enabled
-                and len(job.body) <= MAX_BACKGROUND_BODY)
+        return (tokens is None and self.token_cache.enabled
+                and len(body) <= MAX_BACKGROUND_BODY)
 
     def submit(self, job: Job, cancel: threading.Event) -> bool:
         """Queue the job; never blocks, drops (and counts) when the pool is full."""
-        if not self.wanted(job):
+        if not self.wanted(job.tokens, job.body):
             return False
         deadline = Deadline(self.kv.request_timeout, cancel)  # from now: queueing counts
         ok = self.pool.submit(lambda: self.manage(job, cancel, deadline),

@@ -59,8 +59,9 @@ class LookupCache:
         if self.ttl <= 0:
             return None
         with self._lock:
-            entry = self.entries.get(key)
-            if entry is None:
+            try:  # one lookup: get() is a membership test and a lookup
+                entry = self.entries[key]
+            except KeyError:
                 return None
             now = time.monotonic()
             if now < entry[0]:

@@ -109,11 +109,12 @@ class TokenCache:
         if not self.enabled:
             return None
         with self._lock:
-            tokens = self._cache.get(key)
-            if tokens is None:
+            try:  # one lookup: get() is a membership test and a lookup
+                tokens = self._cache[key]
+            except KeyError:
                 self.misses += 1
-            else:
-                self.hits += 1
+                return None
+            self.hits += 1
             return tokens
 
     def peek(self, key: str) -> PackedTokens | None:
