@@ -5,6 +5,10 @@ Runs the addon's request, responseheaders and response hooks on prepared flows (
 already known (lookup_cache_ttl) and with the addon disabled. Shows what the addon's
 Python costs apart from mitmproxy's per-flow machinery and the network. Prints a table.
 Run: .venv/bin/python scripts/bench_hooks.py [--requests N]
+
+``--instructions``: the same loop (enabled, answer reused) under valgrind's callgrind,
+counting only the timed requests: instructions per request, repeatable to a fraction of a
+percent, in ~15 s. A quick check of a change before ``scripts/bench_instructions``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +37,14 @@ from kvgate.placement.layout import Placement  # noqa: E402
 from kvgate.request.parsing import cache_key, parse_body  # noqa: E402
 
 
-async def per_request_us(enabled: bool, n: int, tmp: Path) -> float:
+def _callgrind(on: bool) -> None:
+    """Counting on or off in the callgrind running this process."""
+    subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+async def per_request_us(enabled: bool, n: int, tmp: Path,
+                         count: Callable[[bool], None] | None = None) -> float:
     cfg = {"kvcache": {"enabled": enabled, "vllm_endpoint": "http://127.0.0.1:1",
                        "lmcache_endpoint": "http://127.0.0.1:2", "lookup_cache_ttl": "1h",
                        "health_check_interval": 0, "metrics_interval": 0},
@@ -69,17 +84,47 @@ async def per_request_us(enabled: bool, n: int, tmp: Path) -> float:
                 addon.response(f)
 
         await run(2000)
+        if count is not None:
+            count(True)
         t0 = time.perf_counter()
         await run(n)
         elapsed = time.perf_counter() - t0
+        if count is not None:
+            count(False)
         addon.done()
     return elapsed / n * 1e6
+
+
+def instructions(n: int) -> float:
+    """Instructions per request of the enabled hooks, from a run under callgrind."""
+    if shutil.which("valgrind") is None:
+        sys.exit("--instructions needs valgrind: apt install valgrind")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                        f"--callgrind-out-file={out}", sys.executable, __file__,
+                        "--counted", "--requests", str(n)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        totals = [line for line in out.read_text().splitlines() if line.startswith("totals:")]
+        return int(totals[0].split()[1]) / n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--instructions", action="store_true",
+                    help="count instructions per request under callgrind instead of timing")
+    ap.add_argument("--counted", action="store_true", help=argparse.SUPPRESS)  # under valgrind
     args = ap.parse_args()
+    if args.counted:
+        with tempfile.TemporaryDirectory() as tmp:
+            asyncio.run(per_request_us(True, args.requests, Path(tmp), _callgrind))
+        return
+    if args.instructions:
+        n = min(args.requests, 2000)
+        print(f"enabled, lookup answer reused: {instructions(n) / 1e3:.1f} k instructions "
+              f"per request ({n} requests, in-process hooks)")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rows = [(label, asyncio.run(per_request_us(enabled, args.requests, Path(tmp))))
                 for label, enabled in (("enabled: false", False),

@@ -298,6 +298,7 @@ QUICK_BENCHES = [
     [".venv/bin/python", "scripts/bench_engine_kill.py", "--runs", "1", "--seconds", "2"],
     ["scripts/bench_instructions", "--requests", "10", "--cases", "reused",
      "--idle-seconds", "1"],
+    [".venv/bin/python", "scripts/bench_hooks.py", "--instructions", "--requests", "20"],
 ]
 
 
@@ -306,7 +307,8 @@ QUICK_BENCHES = [
                               for a in QUICK_BENCHES])
 def test_benchmark_scripts_quick(argv: list[str]) -> None:
     """The benchmarks the docs show, in their quick forms: they run and print a result."""
-    callgrind = argv[0] == "scripts/bench_instructions" or "scripts/bench_framing.py" in argv
+    callgrind = (argv[0] == "scripts/bench_instructions" or "scripts/bench_framing.py" in argv
+                 or "--instructions" in argv)
     if callgrind and not _run("command -v valgrind", 10).stdout:
         pytest.skip("valgrind is not installed")
     got = _run(argv, 900)
