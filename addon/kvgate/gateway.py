@@ -63,6 +63,7 @@ class Gateway:
                                    kv.routing_workers, self.counters,
                                    timer=lambda: self.exporter.lookup_seconds.time())
         self.sent = SentRoutes(kv.prefix_index_size, kv.recent_routes_window, self.lookups)
+        self.fleet.health.on_down = self.sent.forget  # an engine back from the dead is empty
         self.cache = CacheManager(kv, self.token_cache, self.tokens.local_tokens, self.helpers,
                                   self.fleet.monitor, self.counters)
         h, f = self.helpers, self.fleet

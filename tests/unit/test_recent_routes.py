@@ -6,11 +6,17 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from kvgate.config import Endpoint
 from kvgate.fleet.engine_metrics import EngineMonitor
 from kvgate.fleet.health import HealthBook
+from kvgate.observability.counters import Counters
+from kvgate.placement import recent_routes
 from kvgate.placement.layout import Placement
+from kvgate.placement.lookup_cache import LookupCache
 from kvgate.placement.recent_routes import CHUNK, MAX_CHUNKS, RecentRoutes, merge
+from kvgate.placement.sent import SentRoutes
 from kvgate.policies import base as routing
 
 from unit_support import FakeClock, calls
@@ -118,10 +124,6 @@ def test_the_monitor_learns_full_slots_from_waiting_requests(monkeypatch) -> Non
 def test_where_a_prompt_was_sent_reaches_all_three_readers() -> None:
     """placement.sent: one note feeds the fallback's prefix index, the recent routes a
     fresh answer is merged with, and the overlay on the prompt's own lookup answer."""
-    from kvgate.observability.counters import Counters
-    from kvgate.placement.lookup_cache import LookupCache
-    from kvgate.placement.sent import SentRoutes
-
     lookups = LookupCache(lambda tokens, timeout: [], 1.0, 0.0, 2, Counters())
     sent = SentRoutes(100, 5.0, lookups)
     doc = list(range(1000, 1000 + 2 * CHUNK + 10))
@@ -149,3 +151,86 @@ def test_chunks_past_the_window_are_dropped_so_distinct_prompts_do_not_fill_the_
     assert len(recent) <= 501  # the last 5 s
     last = list(range(1999 * CHUNK, 2000 * CHUNK))
     assert recent.held(last) == {"e1": CHUNK}  # what is in the window still counts
+
+
+def test_a_prefix_sent_to_two_engines_counts_for_both_while_lmcache_names_somebody() -> None:
+    # lmcache 0.5.6 names only the first registered holder of a chunk: the second copy is
+    # known from what the gateway sent, for SHARED_WINDOW, as deep as LMCache still names
+    # anybody for the prefix
+    clock = FakeClock()
+    recent = RecentRoutes(window=5.0, clock=clock)
+    system = list(range(2 * CHUNK))
+    recent.note(system + [1, 2], "e1")
+    clock.advance(1.0)
+    recent.note(system + [3, 4], "e2")
+    question = system + [5, 6]
+    clock.advance(10.0)  # past the window: only the shared memory speaks
+    assert recent.held(question) == {}  # LMCache names nobody: nothing is claimed
+    assert recent.held(question, confirmed=2 * CHUNK) == {"e1": 2 * CHUNK, "e2": 2 * CHUNK}
+    assert recent.held(question, confirmed=CHUNK) == {"e1": CHUNK, "e2": CHUNK}
+    assert recent.shared == 2
+    clock.advance(recent_routes.SHARED_WINDOW)
+    assert recent.held(question, confirmed=2 * CHUNK) == {}
+
+
+def test_one_engine_alone_is_not_remembered_past_the_window() -> None:
+    clock = FakeClock()
+    recent = RecentRoutes(window=5.0, clock=clock)
+    doc = list(range(3 * CHUNK))
+    recent.note(doc, "e1")
+    recent.note(doc, "e1")  # the same engine again: no second copy
+    clock.advance(6.0)
+    assert recent.held(doc, confirmed=3 * CHUNK) == {} and recent.shared == 0
+
+
+def test_the_shared_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recent_routes, "SHARED_CAPACITY", 3)
+    clock = FakeClock()
+    recent = RecentRoutes(window=5.0, clock=clock)
+    for i in range(10):
+        prompt = list(range(i * CHUNK, (i + 1) * CHUNK))
+        recent.note(prompt, "e1")
+        recent.note(prompt, "e2")
+    assert recent.shared == 3
+    clock.advance(recent_routes.SHARED_WINDOW + 1)
+    recent.note(list(range(CHUNK)), "e3")  # a note drops what is past the window
+    assert recent.shared == 0
+
+
+def test_a_fresh_answer_gains_the_copy_lmcache_does_not_name() -> None:
+    clock = FakeClock()
+    sent = SentRoutes(0, 5.0, LookupCache(lambda tokens, timeout: [], 0, 0, 1, Counters()))
+    sent.recent = RecentRoutes(window=5.0, clock=clock)
+    system = list(range(2 * CHUNK))
+    sent.recent.note(system + [1], "e1")
+    sent.recent.note(system + [2], "e2")
+    clock.advance(30.0)
+    answer = [Placement("e1", "LocalCPUBackend", 2 * CHUNK)]  # LMCache names e1 only
+    placements, added = sent.add_recent(system + [9], answer)
+    assert added and placements == [Placement("e1", "LocalCPUBackend", 2 * CHUNK),
+                                    Placement("e2", "", 2 * CHUNK)]
+
+
+def test_an_engine_that_left_rotation_is_claimed_for_no_more() -> None:
+    # it may come back empty (restarted): its copies must not be counted
+    clock = FakeClock()
+    recent = RecentRoutes(window=5.0, clock=clock)
+    system = list(range(2 * CHUNK))
+    recent.note(system + [1], "e1")
+    recent.note(system + [2], "e2")
+    recent.forget("e2")
+    assert recent.held(system, confirmed=2 * CHUNK) == {"e1": 2 * CHUNK}
+    clock.advance(10.0)
+    assert recent.held(system, confirmed=2 * CHUNK) == {"e1": 2 * CHUNK}
+    recent.forget("e1")
+    assert recent.held(system, confirmed=2 * CHUNK) == {} and recent.shared == 0
+
+
+def test_the_health_book_tells_when_an_endpoint_leaves_rotation() -> None:
+    book = HealthBook(clock=FakeClock())
+    gone: list[str] = []
+    book.on_down = gone.append
+    book.mark_down("e1")
+    book.mark_down("e1")  # already out: not a new event
+    book.eject("e2", 10.0)
+    assert gone == ["e1", "e2"]

@@ -24,6 +24,8 @@ class HealthBook:
         self._ejected_until: dict[str, float] = {}  # passive (outlier detection)
         self._lock = threading.Lock()
         self.ejections = 0
+        self.on_down: Callable[[str], None] | None = None
+        """Told when an endpoint leaves rotation: it may come back empty."""
 
     def is_healthy(self, endpoint_id: str) -> bool:
         until = self._down_until.get(endpoint_id)
@@ -47,7 +49,9 @@ class HealthBook:
             self._down_until[endpoint_id] = self._clock() + span
             if was_up:
                 self.ejections += 1
-            return was_up
+        if was_up and self.on_down is not None:
+            self.on_down(endpoint_id)
+        return was_up
 
     def eject(self, endpoint_id: str, seconds: float) -> bool:
         """Passive ejection for ``seconds``; health checks passing do not end it."""
@@ -56,7 +60,9 @@ class HealthBook:
             self._ejected_until[endpoint_id] = self._clock() + seconds
             if was_up:
                 self.ejections += 1
-            return was_up
+        if was_up and self.on_down is not None:
+            self.on_down(endpoint_id)
+        return was_up
 
     def mark_up(self, endpoint_id: str) -> None:
         with self._lock:

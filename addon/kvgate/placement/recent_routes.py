@@ -12,6 +12,13 @@ by its engine. Past the window, LMCache's own answer is the truth (engines evict
 Chunks are chained hashes of the packed token ids, like LMCache's own keys; at most
 ``MAX_CHUNKS`` per prompt are kept; chunks past the window are dropped as new ones come,
 and the map is bounded in entries too.
+
+A chunk sent to a second engine is remembered longer, with every engine it went to
+(``SHARED_WINDOW``): lmcache 0.5.6's ``/lookup`` names only the first registered instance
+holding a chunk, so past the window a copy made elsewhere (a hot system prompt spread over
+two engines) would be invisible, and routing would keep charging for a copy that exists.
+Those claims count only as deep as LMCache still names somebody for the prefix: content
+evicted everywhere is not brought back by the gateway's memory.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from .layout import Placement
 CHUNK = 256
 MAX_CHUNKS = 128  # 32k tokens: deeper prefixes wait for LMCache's answer
 CAPACITY = 100_000  # chunks remembered (about 100 bytes each)
+SHARED_WINDOW = 60.0  # seconds a chunk sent to several engines counts for all of them
+SHARED_CAPACITY = 10_000  # such chunks remembered (a few hundred bytes each)
 
 
 def _chain(tokens: Sequence[int]) -> list[tuple[int, int]]:
@@ -52,6 +61,9 @@ class RecentRoutes:
         self.capacity = capacity
         self._clock = clock
         self._map: OrderedDict[int, tuple[str, float]] = OrderedDict()
+        # chunk -> {endpoint: when sent}, for chunks sent to more than one engine; in the
+        # order they were last sent
+        self._shared: OrderedDict[int, dict[str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def note(self, tokens: Sequence[int], endpoint_id: str) -> None:
@@ -61,10 +73,25 @@ class RecentRoutes:
         chain = _chain(tokens)
         now = self._clock()
         oldest = now - self.window
+        shared_oldest = now - SHARED_WINDOW
         with self._lock:
+            shared = self._shared
             for _, h in chain:
+                last = self._map.get(h)
+                if h in shared or (last is not None and last[0] != endpoint_id
+                                   and last[1] >= shared_oldest):
+                    holders = shared.pop(h, None)
+                    if holders is None:
+                        assert last is not None
+                        holders = {last[0]: last[1]}
+                    holders[endpoint_id] = now
+                    shared[h] = holders  # at the end: the newest last
                 self._map[h] = (endpoint_id, now)
                 self._map.move_to_end(h)
+            while shared and max(next(iter(shared.values())).values()) < shared_oldest:
+                shared.popitem(last=False)
+            while len(shared) > SHARED_CAPACITY:
+                shared.popitem(last=False)
             # the map is in the order chunks were noted: what is past the window is at the
             # front, and no use to anyone (distinct prompts would otherwise fill it to
             # ``capacity``, ~20 MB, and keep it there)
@@ -77,26 +104,53 @@ class RecentRoutes:
             while len(self._map) > self.capacity:
                 self._map.popitem(last=False)
 
-    def held(self, tokens: Sequence[int]) -> dict[str, int]:
-        """Per endpoint, the tokens of this prompt's prefix sent there within the window.
+    def held(self, tokens: Sequence[int], confirmed: int = 0) -> dict[str, int]:
+        """Per endpoint, the tokens of this prompt's prefix sent there within the window,
+        and, up to ``confirmed`` tokens (what LMCache names somebody for), sent there
+        within ``SHARED_WINDOW`` when other engines were sent it too.
 
-        Each chunk remembers the endpoint it went to last; that endpoint holds every chunk
-        before it too (it prefilled them), so the walk goes on while chunks are known."""
+        A chunk's key chains every chunk before it, so an endpoint sent a chunk holds the
+        prefix up to its end; the walk goes on while chunks are known."""
         if self.window <= 0:
             return {}
         chain = _chain(tokens)
-        oldest = self._clock() - self.window
+        now = self._clock()
+        oldest, shared_oldest = now - self.window, now - SHARED_WINDOW
         out: dict[str, int] = {}
         with self._lock:
             for end, h in chain:
                 entry = self._map.get(h)
-                if entry is None or entry[1] < oldest:
+                holders = self._shared.get(h) if end <= confirmed else None
+                recent = entry is not None and entry[1] >= oldest
+                if not recent and holders is None:
                     break
-                out[entry[0]] = end
+                if recent:
+                    assert entry is not None
+                    out[entry[0]] = end
+                for ep, when in (holders or {}).items():
+                    if when >= shared_oldest:
+                        out[ep] = end
         return out
+
+    def forget(self, endpoint_id: str) -> None:
+        """Nothing more is claimed for this endpoint (it left rotation, and may come back
+        empty); rare, so a walk over the maps is fine."""
+        with self._lock:
+            for h in [h for h, (ep, _) in self._map.items() if ep == endpoint_id]:
+                del self._map[h]
+            for h in [h for h, holders in self._shared.items() if endpoint_id in holders]:
+                holders = self._shared[h]
+                del holders[endpoint_id]
+                if not holders:
+                    del self._shared[h]
 
     def __len__(self) -> int:
         return len(self._map)
+
+    @property
+    def shared(self) -> int:
+        """Chunks remembered as sent to several engines."""
+        return len(self._shared)
 
 
 def merge(placements: Sequence[Placement], held: dict[str, int]) -> list[Placement]:

@@ -33,9 +33,14 @@ class SentRoutes:
 
     def add_recent(self, probe: Sequence[int],
                    placements: list[Placement]) -> tuple[list[Placement], bool]:
-        """A fresh answer with what the gateway sent since; True if that added anything."""
-        held = self.recent.held(probe)
+        """A fresh answer with what the gateway sent since (and copies LMCache does not
+        name: it names one engine a chunk); True if that added anything."""
+        held = self.recent.held(probe, max((p.tokens for p in placements), default=0))
         return (merge(placements, held), True) if held else (placements, False)
+
+    def forget(self, endpoint_id: str) -> None:
+        """The endpoint left rotation: it may come back empty, so claim nothing for it."""
+        self.recent.forget(endpoint_id)
 
     def last_holder(self, key_text: str) -> str | None:
         """The endpoint that last served this text's longest known prefix."""
