@@ -111,8 +111,10 @@ class EngineMonitor:
 
     def fresh(self, endpoint_id: str, max_age: float | None = None) -> EngineStats | None:
         st = self.stats.get(endpoint_id)
+        if st is None:  # never read (or metrics off): asked per endpoint per request
+            return None
         age = self.max_age if max_age is None else max_age
-        return st if st is not None and time.monotonic() - st.at <= age else None
+        return st if time.monotonic() - st.at <= age else None
 
     def _get(self, ep: Endpoint, path: str, timeout: float,
              fresh: bool = False) -> urllib3.BaseHTTPResponse | OSError | None:

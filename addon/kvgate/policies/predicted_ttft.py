@@ -87,7 +87,9 @@ def ranked(
             continue
         m = matched.get(ep.id, 0)
         cost = model.cost(prompt_tokens, m, ahead.get(ep.id, 0.0), held)
-        rank = (round(cost, 6), ahead.get(ep.id, 0.0), (inflight or {}).get(ep.id, 0), order)
+        # costs equal to a nanosecond tie (int(): round(x, 6) goes through float-to-text)
+        rank = (int(cost * 1e6 + 0.5), ahead.get(ep.id, 0.0), (inflight or {}).get(ep.id, 0),
+                order)
         ranks.append((rank, ep, m, cost))
         if len(ranks) > 2:
             ranks.sort(key=lambda r: r[0])
@@ -119,9 +121,10 @@ class PredictedTTFT(Policy):
             runner_up = ""
             if len(best) > 1:
                 other, m2, _ = best[1]
-                runner_up = (f"{other.id} (predicted ttft "
-                             f"{self.model.ttft(n_tokens, m2, ahead.get(other.id, 0.0)):.0f} ms)")
-            return Decision(ep, CACHE, matched, f"predicted ttft {ttft:.0f} ms", runner_up)
+                ttft2 = self.model.ttft(n_tokens, m2, ahead.get(other.id, 0.0))
+                runner_up = f"{other.id} (predicted ttft {round(ttft2)} ms)"
+            # whole ms as ints: formatting a float costs a float-to-text conversion
+            return Decision(ep, CACHE, matched, f"predicted ttft {round(ttft)} ms", runner_up)
         # Nothing cached anywhere worth it: spread by rotation among the least loaded.
         rr = fleet.round_robin()
         held = held_anywhere(matched_by_instance(placements), fleet.healthy)
