@@ -77,13 +77,12 @@ class RecentRoutes:
         with self._lock:
             shared = self._shared
             for _, h in chain:
+                holders = shared.pop(h, None)
                 last = self._map.get(h)
-                if h in shared or (last is not None and last[0] != endpoint_id
-                                   and last[1] >= shared_oldest):
-                    holders = shared.pop(h, None)
-                    if holders is None:
-                        assert last is not None
-                        holders = {last[0]: last[1]}
+                if (holders is None and last is not None and last[0] != endpoint_id
+                        and last[1] >= shared_oldest):  # a second engine: now shared
+                    holders = {last[0]: last[1]}
+                if holders is not None:
                     holders[endpoint_id] = now
                     shared[h] = holders  # at the end: the newest last
                 self._map[h] = (endpoint_id, now)
@@ -120,12 +119,12 @@ class RecentRoutes:
         with self._lock:
             for end, h in chain:
                 entry = self._map.get(h)
+                if entry is not None and entry[1] < oldest:
+                    entry = None
                 holders = self._shared.get(h) if end <= confirmed else None
-                recent = entry is not None and entry[1] >= oldest
-                if not recent and holders is None:
+                if entry is None and holders is None:
                     break
-                if recent:
-                    assert entry is not None
+                if entry is not None:
                     out[entry[0]] = end
                 for ep, when in (holders or {}).items():
                     if when >= shared_oldest:

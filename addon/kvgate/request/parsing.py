@@ -56,6 +56,10 @@ class ParsedRequest:
         return self.ids_key or cache_key(self.model, self.prompt)
 
 
+_KEY_SEED = int.from_bytes(os.urandom(8), "little")
+"""Per process: nobody outside can pick two prompts that share a key."""
+
+
 def _ids_request(model: str, ids: PackedTokens) -> ParsedRequest:
     h = xxhash.xxh3_128((model + "\x00ids:").encode("utf-8", "surrogatepass"), seed=_KEY_SEED)
     h.update(ids.data)
@@ -66,10 +70,6 @@ def _ids_request(model: str, ids: PackedTokens) -> ParsedRequest:
 
 class NotParsed(Exception):
     """The body is not something we route on; the reason is safe to log (no prompt text)."""
-
-
-_KEY_SEED = int.from_bytes(os.urandom(8), "little")
-"""Per process: nobody outside can pick two prompts that share a key."""
 
 
 def cache_key(model: str, text: str) -> str:
