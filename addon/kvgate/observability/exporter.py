@@ -6,17 +6,44 @@ Each gateway has its own registry, so a config reload never registers a name twi
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from .stats import Sources
 
 _BREAKER = {"closed": 0, "half_open": 1, "open": 2}
+RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class RatioHistogram:
+    """A histogram observed on every routed request, on the event loop only.
+
+    prometheus-client's ``Histogram.observe`` takes a lock twice and walks the buckets in
+    Python (~8 000 instructions, 3% of kvgate's own work on a request); this is one bisect
+    and two additions. Counts are per bucket here, cumulative when exported.
+    """
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        buckets, total = [], 0
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), list(self.counts), strict=True):
+            total += n
+            buckets.append((bound, total))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
 
 
 class Exporter(Collector):
@@ -32,9 +59,7 @@ class Exporter(Collector):
         self.tokenize_seconds = Histogram(
             "kvgate_tokenize_seconds", "vLLM /tokenize latency on the request path",
             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.matched_ratio = Histogram(
-            "kvgate_matched_token_ratio", "cached tokens on the chosen endpoint / prompt tokens",
-            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0), registry=self.registry)
+        self.matched_ratio = RatioHistogram(RATIO_BUCKETS)
         self.registry.register(self)
         self._server: Any = None
 
@@ -93,3 +118,5 @@ class Exporter(Collector):
                 healthy.add_metric([name, ep.id], 1.0 if src.health.is_healthy(ep.id) else 0.0)
         yield inflight
         yield healthy
+        yield self.matched_ratio.family(
+            "kvgate_matched_token_ratio", "cached tokens on the chosen endpoint / prompt tokens")
