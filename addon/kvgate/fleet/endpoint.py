@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -12,12 +12,15 @@ class Endpoint:
     host: str
     port: int
     scheme: str = "http"
+    # made once: every routed request reads them
+    hostport: str = field(init=False, compare=False, repr=False)
+    """``host[:port]`` as a Host header names it (no port when it is the scheme's)."""
+    scheme_bytes: bytes = field(init=False, compare=False, repr=False)
+    url: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def hostport(self) -> str:
+    def __post_init__(self) -> None:
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
+        hostport = self.host if self.port == default else f"{self.host}:{self.port}"
+        object.__setattr__(self, "hostport", hostport)
+        object.__setattr__(self, "scheme_bytes", self.scheme.encode("ascii", "replace"))
+        object.__setattr__(self, "url", f"{self.scheme}://{self.host}:{self.port}")

@@ -27,7 +27,7 @@ _LOW7 = bytes(range(128))
 _ZERO_ONE = (array("I", [0]).tobytes(), array("I", [1]).tobytes())
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one a request: not frozen (see policies.base.Decision)
 class ParsedRequest:
     model: str
     prompt: str

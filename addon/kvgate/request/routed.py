@@ -12,7 +12,7 @@ from .parsing import ParsedRequest
 Tokens = tuple[int, ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class Routed:
     decision: Decision | None
     parsed: ParsedRequest | None = None
