@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 from .cluster import Cluster
@@ -40,17 +41,31 @@ class FleetView:
         slots learnt from /metrics, it is what is in flight beyond them, or the engine's own
         waiting queue (other gateways' requests included) if larger.
         """
+        # batch_slots and fresh inline (same rules): this runs per endpoint per request
+        monitor, cluster = self.monitor, self.cluster
+        stats, full, seen = monitor.stats, monitor.full_slots, monitor.slots
+        inflight, finished = cluster.inflight, cluster.finished
+        floor = self.min_batch_slots
+        now = max_age = 0.0
+        if stats:
+            now, max_age = time.monotonic(), monitor.max_age
         out: dict[str, float] = {}
-        finished = self.cluster.finished
-        for ep in self.cluster.endpoints:
-            inflight = float(self.cluster.inflight.get(ep.id, 0))
-            stats = self.monitor.fresh(ep.id)
-            slots = self.monitor.batch_slots(ep.id, self.min_batch_slots)
-            waiting = 0.0
-            if stats is not None:  # less what has finished since it was read: a queue
-                # read half a second ago must not keep traffic off a drained engine
-                waiting = stats.waiting - (finished.get(ep.id, 0) - stats.done)
-            out[ep.id] = max(inflight - slots, waiting, 0.0)
+        for ep in cluster.endpoints:
+            eid = ep.id
+            slots = full.get(eid)
+            if slots is None:
+                slots = seen.get(eid, 0.0)
+                if slots < floor:
+                    slots = floor
+            queue = inflight.get(eid, 0) - slots
+            st = stats.get(eid)
+            if st is not None and now - st.at <= max_age:
+                # less what has finished since it was read: a queue read half a second
+                # ago must not keep traffic off a drained engine
+                waiting = st.waiting - (finished.get(eid, 0) - st.done)
+                if waiting > queue:
+                    queue = waiting
+            out[eid] = queue if queue > 0.0 else 0.0
         return out
 
     def load(self, endpoint_id: str) -> float:

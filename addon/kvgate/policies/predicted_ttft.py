@@ -48,16 +48,22 @@ class CostModel:
                 raise OptionError(name, getattr(self, name), "must be >= 0")
 
     def ttft(self, prompt_tokens: int, matched: int, ahead: float) -> float:
-        matched = min(matched, prompt_tokens)
+        if matched > prompt_tokens:  # (not min(): its argument parsing, per endpoint)
+            matched = prompt_tokens
         return ((prompt_tokens - matched) * self.prefill_ms + matched * self.load_ms
                 + ahead * self.queue_ms)
 
     def cost(self, prompt_tokens: int, matched: int, ahead: float, held: int) -> float:
         """What routing minimises: the predicted TTFT, plus the price of copying a prefix
         that another engine already holds (``held`` tokens of it)."""
-        cost = self.ttft(prompt_tokens, matched, ahead)
+        if matched > prompt_tokens:  # ttft's sum inline: this runs per endpoint per request
+            matched = prompt_tokens
+        cost = ((prompt_tokens - matched) * self.prefill_ms + matched * self.load_ms
+                + ahead * self.queue_ms)
         if self.replicate and held > matched:
-            cost += self.replicate * (min(held, prompt_tokens) - matched) * self.prefill_ms
+            if held > prompt_tokens:
+                held = prompt_tokens
+            cost += self.replicate * (held - matched) * self.prefill_ms
         return cost
 
 
@@ -80,22 +86,26 @@ def ranked(
     """The cheapest healthy endpoint and the runner-up (for the flow's "why"), in one
     pass: ties to the fewest ahead, then the fewest in flight, then config order."""
     matched = matched_by_instance(placements)
-    held = held_anywhere(matched, healthy)
-    ranks: list[tuple[tuple[float, float, int, int], Endpoint, int, float]] = []
-    for order, ep in enumerate(endpoints):
-        if not healthy(ep.id):
-            continue
+    up = [ep for ep in endpoints if healthy(ep.id)]
+    held = 0  # the most of the prompt a healthy engine holds (held_anywhere, inline)
+    for ep in up:
         m = matched.get(ep.id, 0)
-        cost = model.cost(prompt_tokens, m, ahead.get(ep.id, 0.0), held)
-        # costs equal to a nanosecond tie (int(): round(x, 6) goes through float-to-text)
-        rank = (int(cost * 1e6 + 0.5), ahead.get(ep.id, 0.0), (inflight or {}).get(ep.id, 0),
-                order)
-        ranks.append((rank, ep, m, cost))
+        if m > held:
+            held = m
+    inflight = inflight or {}
+    ranks: list[tuple[int, float, int, int, Endpoint, int, float]] = []
+    for order, ep in enumerate(up):
+        m = matched.get(ep.id, 0)
+        queue = ahead.get(ep.id, 0.0)
+        cost = model.cost(prompt_tokens, m, queue, held)
+        # costs equal to a nanosecond tie (int(): round(x, 6) goes through float-to-text);
+        # ``order`` is unique, so tuples never compare further than it
+        ranks.append((int(cost * 1e6 + 0.5), queue, inflight.get(ep.id, 0), order, ep, m, cost))
         if len(ranks) > 2:
-            ranks.sort(key=lambda r: r[0])
+            ranks.sort()
             del ranks[2]
-    ranks.sort(key=lambda r: r[0])
-    return [(ep, m, cost) for _, ep, m, cost in ranks]
+    ranks.sort()
+    return [(r[4], r[5], r[6]) for r in ranks]
 
 
 def held_anywhere(matched: Mapping[str, int], healthy: Callable[[str], bool]) -> int:
