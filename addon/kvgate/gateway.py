@@ -99,27 +99,31 @@ class Gateway:
 
     async def route_async(self, cluster_name: str, body: bytes) -> Routed:
         """One request through the stages, on the event loop, within the routing budget."""
-        loop = asyncio.get_running_loop()
-        routed = await self._read(cluster_name, body)  # 1. read the body
+        # 1. read the body (a big one off the loop: its JSON parse would stall every flow)
+        routed = (self.prepare(cluster_name, body) if len(body) <= PARSE_INLINE_MAX
+                  else await self._read_off_loop(cluster_name, body))
         if routed.decision is not None:
             return routed
         if not self.policies[cluster_name].needs_placements:  # it reads the text alone
             return self._choose(cluster_name, routed)
         assert routed.parsed is not None
+        loop = asyncio.get_running_loop()
         end = loop.time() + self.routing_budget
-        if routed.probe is None and self.kv.route_on_miss:  # 2. find its tokens
+        probe = routed.probe
+        if probe is None and self.kv.route_on_miss:  # 2. find its tokens
             try:
                 routed.tokens = await self.tokens.tokenize(routed.parsed, routed.key, body, end)
             except HELPER_ERRORS as exc:
                 return self._fallback(cluster_name, routed, f"tokenize: {exc}")
-        probe = routed.probe
+            probe = routed.probe
         if probe is None:  # the seed's rule: no tokens cached, no routing
             return self._settle(routed, self.balancer(cluster_name, BALANCER,
                                                       "token cache miss"))
-        try:  # 3. find where its prefix lives
-            placements, how = await self.lookups.find(
-                routed.key, probe, routed.tokens is not None, end - loop.time(),
-                self.routing_budget)
+        try:  # 3. find where its prefix lives (a recent answer: no coroutine, no wait)
+            found = (self.lookups.reuse(routed.key, probe, self.routing_budget)
+                     if routed.tokens is not None else None)
+            placements, how = found if found is not None else await self.lookups.find(
+                routed.key, probe, False, end - loop.time(), self.routing_budget)
         except HELPER_ERRORS as exc:
             self.counters.inc("lookup.routing_failed")
             return self._fallback(cluster_name, routed, f"lookup: {exc}")
@@ -134,10 +138,8 @@ class Gateway:
         routed.placements = placements
         return self._choose(cluster_name, routed, placements)  # 4. pick an endpoint
 
-    async def _read(self, cluster_name: str, body: bytes) -> Routed:
-        if len(body) <= PARSE_INLINE_MAX:
-            return self.prepare(cluster_name, body)
-        loop = asyncio.get_running_loop()  # a big JSON parse would stall every other flow
+    async def _read_off_loop(self, cluster_name: str, body: bytes) -> Routed:
+        loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(
                 loop.run_in_executor(self.routing_pool, self.prepare, cluster_name, body, True),

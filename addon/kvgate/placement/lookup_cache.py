@@ -76,15 +76,24 @@ class LookupCache:
         """The answer to route on, and how it was had: ``reused``, ``stale`` (a renewal
         started) or ``routing_ok`` (asked now). Only the prompt's own tokens are
         ``reusable``: an earlier turn's answer is not this prompt's."""
-        if reusable:
-            recent = self.recent(key)
-            if recent is not None:
-                placements, stale = recent
-                if stale:
-                    self.revalidate(key, probe, renew_timeout)
-                return placements, "stale" if stale else "reused"
+        found = self.reuse(key, probe, renew_timeout) if reusable else None
+        if found is not None:
+            return found
         with self._timer():
             return await self.ask(key, probe, timeout), "routing_ok"
+
+    def reuse(self, key: str, probe: Sequence[int],
+              renew_timeout: float) -> tuple[list[Placement], str] | None:
+        """``find`` without a wait: a recent answer (renewed in the background if stale),
+        else None. The request path calls it first: most requests need no coroutine."""
+        recent = self.recent(key)
+        if recent is None:
+            return None
+        placements, stale = recent
+        if stale:
+            self.revalidate(key, probe, renew_timeout)
+            return placements, "stale"
+        return placements, "reused"
 
     async def ask(self, key: str, probe: Sequence[int], timeout: float) -> list[Placement]:
         """Where LMCache holds this prompt, sharing a lookup already in flight for it."""
