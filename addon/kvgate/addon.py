@@ -335,7 +335,8 @@ class KVCacheAddon:
             resp = flow.response
             if resp is None:
                 return
-            if _header(resp.headers, b"content-type").lower().startswith("text/event-stream"):
+            if _header(resp.data.headers, b"content-type").lower().startswith(
+                    "text/event-stream"):
                 resp.stream = self._stream(flow, resp)
             gw = self.gateway
             meta = flow.metadata.get(META)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +46,7 @@ class Gateway:
 
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
+        self.route_for: Callable[[str], Route | None] = cfg.route_for  # bound: per request
         kv = self.kv = cfg.kvcache
         self.counters = Counters()
         self.routing_budget = min(kv.lookup_routing_timeout, kv.request_timeout)
@@ -81,8 +83,6 @@ class Gateway:
 
     # ------------------------------------------------------------ the request path
 
-    def route_for(self, path: str) -> Route | None:
-        return self.cfg.route_for(path)
 
     def route(self, cluster_name: str, body: bytes) -> Routed:
         """Blocking form of ``route_async`` for threads and tests (its own event loop)."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from kvgate.config import Endpoint
 from kvgate.fleet.engine_metrics import parse_metrics
 from kvgate.placement.layout import Placement
@@ -97,3 +101,25 @@ def test_a_second_copy_of_a_prefix_is_charged_for_what_it_evicts() -> None:
     assert routing.cheapest(1500, held, EPS, always, deep, routing.CostModel())[0].id == "e2"
     # nothing held anywhere: no copy, no charge
     assert routing.CostModel().cost(1500, 0, 0.0, 0) == routing.CostModel().ttft(1500, 0, 0.0)
+
+
+def test_the_ranking_prices_every_endpoint_as_the_cost_model_does() -> None:
+    """``ranked`` has the model's sums inline (it runs per endpoint per request): the
+    same figures as ``CostModel.cost`` and ``ttft`` for any holdings, queues and knobs."""
+    rng = random.Random(7)
+    for _ in range(500):
+        model = routing.CostModel(prefill_ms=rng.choice((0.07, 0.1, 0.0)),
+                                  load_ms=rng.choice((0.007, 0.0, 0.02)),
+                                  queue_ms=rng.choice((40.0, 0.0, 7.5)),
+                                  replicate=rng.choice((1.0, 0.0, 0.5, 2.0)))
+        n = rng.randint(0, 3000)
+        held = [Placement(ep.id, "cpu", rng.randint(0, 4000)) for ep in EPS
+                if rng.random() < 0.5]
+        ahead = {ep.id: rng.choice((0.0, 1.0, 2.5, 9.0)) for ep in EPS}
+        up = {ep.id for ep in EPS if rng.random() < 0.8}
+        top = max((p.tokens for p in held if p.instance_id in up), default=0)
+        for ep, matched, cost in routing.ranked(n, held, EPS, up.__contains__, ahead, model):
+            assert cost == pytest.approx(model.cost(n, matched, ahead[ep.id], top))
+        best = routing._ranked(n, held, EPS, up.__contains__, ahead, model, None)
+        for _, ep, matched, _, ttft in best:
+            assert ttft == pytest.approx(model.ttft(n, matched, ahead[ep.id]))

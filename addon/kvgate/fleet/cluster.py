@@ -16,6 +16,8 @@ class Cluster:
         self.endpoints: tuple[Endpoint, ...] = cfg.endpoints
         self.by_id = {ep.id: ep for ep in cfg.endpoints}
         self._is_healthy = is_healthy
+        self.is_up = is_healthy
+        """``healthy`` for an id known to be the cluster's (no membership test)."""
         self._lock = threading.Lock()
         self._next = 0
         self.inflight: dict[str, int] = {ep.id: 0 for ep in cfg.endpoints}

@@ -19,6 +19,7 @@ class FleetView:
         self.min_batch_slots = float(min_batch_slots)
         # the cluster's own, bound: policies call these per endpoint per request
         self.healthy = cluster.healthy
+        self.up = cluster.is_up  # healthy, for ids of the cluster's own endpoints
         self.round_robin = cluster.round_robin
 
     @property

@@ -153,7 +153,11 @@ class LookupCache:
         has served it. A reused answer keeps its first expiry: staleness stays bounded."""
         if self.ttl <= 0:
             return
-        held = next((p for p in placements if p.instance_id == endpoint_id), None)
+        held = None
+        for p in placements:  # (a loop: a generator is a call per request)
+            if p.instance_id == endpoint_id:
+                held = p
+                break
         if held is not None and held.tokens >= n_tokens and key in self.entries:
             return  # already known: a reused answer routed the same way
         merged = [p for p in placements if p.instance_id != endpoint_id]

@@ -85,27 +85,53 @@ def ranked(
 ) -> list[tuple[Endpoint, int, float]]:
     """The cheapest healthy endpoint and the runner-up (for the flow's "why"), in one
     pass: ties to the fewest ahead, then the fewest in flight, then config order."""
+    return [(r[1], r[2], r[3]) for r in
+            _ranked(prompt_tokens, placements, endpoints, healthy, ahead, model, inflight)]
+
+
+# one ranked endpoint: (tie-break key, endpoint, matched tokens, cost, predicted ttft); a
+# plain tuple, as a NamedTuple's constructor is a Python call per endpoint per request
+_Rank = tuple[tuple[int, float, int, int], Endpoint, int, float, float]
+
+
+def _ranked(prompt_tokens: int, placements: Sequence[Placement],
+            endpoints: Sequence[Endpoint], healthy: Callable[[str], bool],
+            ahead: Mapping[str, float], model: CostModel,
+            inflight: Mapping[str, int] | None) -> list[_Rank]:
+    """``ranked`` with each one's predicted TTFT. ``CostModel.cost`` and ``ttft`` inline:
+    this runs per endpoint per request (tests hold the two to the same figures)."""
     matched = matched_by_instance(placements)
-    up = [ep for ep in endpoints if healthy(ep.id)]
+    up: list[Endpoint] = []
     held = 0  # the most of the prompt a healthy engine holds (held_anywhere, inline)
-    for ep in up:
-        m = matched.get(ep.id, 0)
-        if m > held:
-            held = m
+    for ep in endpoints:
+        if healthy(ep.id):
+            up.append(ep)
+            m = matched.get(ep.id, 0)
+            if m > held:
+                held = m
+    n = prompt_tokens
+    if held > n:
+        held = n
+    prefill, load, queue_ms, replicate = (model.prefill_ms, model.load_ms, model.queue_ms,
+                                          model.replicate)
     inflight = inflight or {}
-    ranks: list[tuple[int, float, int, int, Endpoint, int, float]] = []
+    ranks: list[_Rank] = []
     for order, ep in enumerate(up):
         m = matched.get(ep.id, 0)
+        mc = m if m <= n else n  # (the flow still shows what the engine said it holds)
         queue = ahead.get(ep.id, 0.0)
-        cost = model.cost(prompt_tokens, m, queue, held)
+        ttft = (n - mc) * prefill + mc * load + queue * queue_ms
+        # what a second copy of the prefix costs later (see CostModel.replicate)
+        cost = ttft + replicate * (held - mc) * prefill if replicate and held > mc else ttft
         # costs equal to a nanosecond tie (int(): round(x, 6) goes through float-to-text);
-        # ``order`` is unique, so tuples never compare further than it
-        ranks.append((int(cost * 1e6 + 0.5), queue, inflight.get(ep.id, 0), order, ep, m, cost))
+        # ``order`` is unique, so keys never tie
+        ranks.append(((int(cost * 1e6 + 0.5), queue, inflight.get(ep.id, 0), order),
+                      ep, m, cost, ttft))
         if len(ranks) > 2:
             ranks.sort()
             del ranks[2]
     ranks.sort()
-    return [(r[4], r[5], r[6]) for r in ranks]
+    return ranks
 
 
 def held_anywhere(matched: Mapping[str, int], healthy: Callable[[str], bool]) -> int:
@@ -121,17 +147,15 @@ class PredictedTTFT(Policy):
     def choose(self, prompt: Prompt, placements: Sequence[Placement], fleet: Fleet) -> Decision:
         n_tokens = prompt.probe_tokens
         ahead = fleet.ahead()
-        best = ranked(n_tokens, placements, fleet.endpoints, fleet.healthy, ahead, self.model,
-                      fleet.inflight)
+        best = _ranked(n_tokens, placements, fleet.endpoints, fleet.up, ahead, self.model,
+                       fleet.inflight)
         if not best:  # nothing healthy: the rotation still tries someone
             return Decision(fleet.round_robin(), BALANCER, 0, "none healthy")
-        ep, matched, cost = best[0]
+        _, ep, matched, cost, ttft = best[0]
         if matched > 0:
-            ttft = self.model.ttft(n_tokens, matched, ahead.get(ep.id, 0.0))
             runner_up = ""
             if len(best) > 1:
-                other, m2, _ = best[1]
-                ttft2 = self.model.ttft(n_tokens, m2, ahead.get(other.id, 0.0))
+                _, other, _, _, ttft2 = best[1]
                 runner_up = f"{other.id} (predicted ttft {round(ttft2)} ms)"
             # whole ms as ints: formatting a float costs a float-to-text conversion
             return Decision(ep, CACHE, matched, f"predicted ttft {round(ttft)} ms", runner_up)
