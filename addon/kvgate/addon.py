@@ -62,17 +62,18 @@ def _host_header(req: http.Request) -> str | None:
 
 def _unparseable(gw: Gateway, req: http.Request) -> str | None:
     """Why this request's body is not read (None: read it)."""
-    if req.method != "POST":
+    data = req.data  # raw fields: the properties are calls that decode
+    if data.method != b"POST":
         return "not a POST"
-    fields = req.data.headers.fields
+    fields = data.headers.fields
     # most requests have no Content-Encoding: prove it in C before a scan in Python
     if b"content-encoding" in b"\n".join(map(itemgetter(0), fields)).lower():
         encoding = _header(req.headers, b"content-encoding").strip().lower()
         if encoding not in ("", "identity"):
             return "compressed body"
-    if req.raw_content is None:
+    if data.content is None:
         return "streamed body"
-    if len(req.raw_content) > gw.kv.max_body_bytes:
+    if len(data.content) > gw.kv.max_body_bytes:
         return "body above max_body_bytes"
     return None
 
@@ -269,7 +270,7 @@ class KVCacheAddon:
             cluster = route.cluster
             routed = self._not_read(gw, cluster, flow.request)
             if routed is None:
-                body = flow.request.raw_content
+                body = flow.request.data.content
                 assert body is not None  # _not_read: a streamed body is not read
                 routed = await gw.route_async(cluster, body)
             self._apply(gw, cluster, flow, routed)

@@ -91,10 +91,11 @@ class EngineFaults:
         try:
             gw = self._flows.pop(flow.id, None)
             meta = flow.metadata.get(META)
-            if meta and gw is not None and flow.response is not None and not meta.get(
-                    "timed_out"):
-                if flow.response.status_code >= 500:
-                    self._suspect(gw, meta["endpoint"], f"status {flow.response.status_code}")
+            resp = flow.response
+            if meta and gw is not None and resp is not None and not meta.get("timed_out"):
+                status = resp.data.status_code  # (the property is a call)
+                if status >= 500:
+                    self._suspect(gw, meta["endpoint"], f"status {status}")
                 else:
                     gw.fleet.outliers.success(meta["endpoint"])
         except Exception:

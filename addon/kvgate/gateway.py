@@ -130,7 +130,7 @@ class Gateway:
         except Exception as exc:  # nothing from a helper's answer escapes the routing step
             self.counters.inc("lookup.routing_failed")
             return self._fallback(cluster_name, routed, f"lookup: {type(exc).__name__}")
-        self.counters.inc(f"lookup.{how}")
+        self.counters.inc_on_loop(f"lookup.{how}")
         if how == "routing_ok":  # a fresh answer: add what LMCache cannot know yet
             placements, added = self.sent.add_recent(probe, placements)
             if added:
@@ -155,7 +155,7 @@ class Gateway:
             parsed = parse_body(body, self.kv.default_model, off_loop)
         except NotParsed as exc:
             self.counters.inc("requests.not_parsed")
-            return Routed(self.balancer(cluster_name, BALANCER, str(exc)))
+            return Routed(self.balancer(cluster_name, BALANCER, str(exc), on_loop=not off_loop))
         key = parsed.key
         if self.cache.tracks_hotness:
             self.cache.hot.record(key)
@@ -190,12 +190,17 @@ class Gateway:
             decision = self.balancer(cluster_name, FALLBACK, why)
         return self._settle(routed, decision)
 
-    def balancer(self, cluster_name: str, reason: str, detail: str = "") -> Decision:
+    def balancer(self, cluster_name: str, reason: str, detail: str = "",
+                 on_loop: bool = True) -> Decision:
         return self._count(Decision(self.fleet.clusters[cluster_name].round_robin(), reason, 0,
-                                    detail))
+                                    detail), on_loop)
 
-    def _count(self, decision: Decision) -> Decision:
-        self.counters.inc(f"routes.{decision.reason}")
+    def _count(self, decision: Decision, on_loop: bool = True) -> Decision:
+        """Count the route (on the event loop without a lock: ``inc_on_loop``)."""
+        if on_loop:
+            self.counters.inc_on_loop(f"routes.{decision.reason}")
+        else:
+            self.counters.inc(f"routes.{decision.reason}")
         return decision
 
     def _settle(self, routed: Routed, decision: Decision) -> Routed:

@@ -115,23 +115,26 @@ def _ranked(prompt_tokens: int, placements: Sequence[Placement],
     prefill, load, queue_ms, replicate = (model.prefill_ms, model.load_ms, model.queue_ms,
                                           model.replicate)
     inflight = inflight or {}
-    ranks: list[_Rank] = []
+    first: _Rank | None = None
+    second: _Rank | None = None
     for order, ep in enumerate(up):
-        m = matched.get(ep.id, 0)
+        eid = ep.id
+        m = matched.get(eid, 0)
         mc = m if m <= n else n  # (the flow still shows what the engine said it holds)
-        queue = ahead.get(ep.id, 0.0)
+        queue = ahead.get(eid, 0.0)
         ttft = (n - mc) * prefill + mc * load + queue * queue_ms
         # what a second copy of the prefix costs later (see CostModel.replicate)
         cost = ttft + replicate * (held - mc) * prefill if replicate and held > mc else ttft
         # costs equal to a nanosecond tie (int(): round(x, 6) goes through float-to-text);
-        # ``order`` is unique, so keys never tie
-        ranks.append(((int(cost * 1e6 + 0.5), queue, inflight.get(ep.id, 0), order),
-                      ep, m, cost, ttft))
-        if len(ranks) > 2:
-            ranks.sort()
-            del ranks[2]
-    ranks.sort()
-    return ranks
+        # ``order`` is unique, so keys never tie and tuples compare no further
+        rank = ((int(cost * 1e6 + 0.5), queue, inflight.get(eid, 0), order), ep, m, cost, ttft)
+        if first is None or rank < first:
+            first, second = rank, first
+        elif second is None or rank < second:
+            second = rank
+    if first is None:
+        return []
+    return [first] if second is None else [first, second]
 
 
 def held_anywhere(matched: Mapping[str, int], healthy: Callable[[str], bool]) -> int:
