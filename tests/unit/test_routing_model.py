@@ -123,3 +123,17 @@ def test_the_ranking_prices_every_endpoint_as_the_cost_model_does() -> None:
         best = routing._ranked(n, held, EPS, up.__contains__, ahead, model, None)
         for _, ep, matched, _, ttft in best:
             assert ttft == pytest.approx(model.ttft(n, matched, ahead[ep.id]))
+
+
+def test_a_prompt_noted_again_within_its_window_is_not_hashed_again(monkeypatch) -> None:
+    from kvgate.placement import prefix_index as module
+    now = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    idx = PrefixIndex(capacity=1000)
+    text = "system: " + "rules " * 200
+    assert idx.note("k", text, "e1") is True
+    assert idx.note("k", text, "e2") is False  # a repeat: wherever it went, not re-hashed
+    assert idx.best(text)[0] == "e1"
+    now[0] += module.RECORDED_FOR + 0.1
+    assert idx.note("k", text, "e2") is True
+    assert idx.best(text)[0] == "e2"

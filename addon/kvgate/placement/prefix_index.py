@@ -9,11 +9,13 @@ are chains of 256-character pieces of the prompt text, hashed; LRU-bounded.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 
-from cachetools import TTLCache
+from cachetools import LRUCache
 
 PIECE = 256
+RECORDED_FOR = 10.0  # seconds a prompt, once recorded, is not hashed again
 MAX_BYTES = 64 * 1024  # hashed per request on the event loop: a prefix this long is
 # conversation identity enough, and an 8 MiB prompt must not cost milliseconds here
 
@@ -39,18 +41,22 @@ class PrefixIndex:
         # prompt key -> endpoint recorded: a repeat within 10 s skips the hashing, wherever
         # it went (a prompt served by two engines in turn is held by both: either is a
         # good answer, and re-recording it on each turn cost every request its hashing)
-        self._recorded: TTLCache[str, str] = TTLCache(10_000, 10.0)
+        # (key -> when it may be recorded again: an LRU read is half a TTLCache's, whose
+        # expiry bookkeeping is Python calls on every read)
+        self._recorded: LRUCache[str, float] = LRUCache(10_000)
         self._recorded_lock = threading.Lock()
 
     def note(self, key: str, text: str, endpoint_id: str) -> bool:
         """``record``, unless this prompt (by key) was recorded in the last 10 s; whether
         it was."""
+        now = time.monotonic()
         with self._recorded_lock:
             try:  # one lookup: get() is a membership test and a lookup
-                self._recorded[key]
-                return False
+                if self._recorded[key] > now:
+                    return False
             except KeyError:
-                self._recorded[key] = endpoint_id
+                pass
+            self._recorded[key] = now + RECORDED_FOR
         self.record(text, endpoint_id)
         return True
 
