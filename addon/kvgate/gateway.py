@@ -83,7 +83,6 @@ class Gateway:
 
     # ------------------------------------------------------------ the request path
 
-
     def route(self, cluster_name: str, body: bytes) -> Routed:
         """Blocking form of ``route_async`` for threads and tests (its own event loop)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 
 import pytest
@@ -257,3 +258,32 @@ def test_a_queue_read_before_requests_finished_is_discounted_by_them() -> None:
     assert view.ahead()["e1"] == 0.0
     view.cluster.inflight["e1"] = 5  # its own count beyond the slots still queues
     assert view.ahead()["e1"] == 2.0
+
+
+def test_the_queue_view_follows_the_monitors_rules_for_slots_and_stale_figures() -> None:
+    """``FleetView.ahead`` has ``batch_slots`` and ``fresh`` inline (it runs per endpoint
+    per request): the same queue as those rules give, over random states."""
+    rng = random.Random(3)
+    for _ in range(300):
+        view = fleet()
+        mon, cluster = view.monitor, view.cluster
+        for ep in EPS:
+            cluster.inflight[ep.id] = rng.randint(0, 12)
+            if rng.random() < 0.5:
+                cluster.finished[ep.id] = rng.randint(0, 5)
+            if rng.random() < 0.5:
+                mon.slots[ep.id] = float(rng.randint(0, 8))
+            if rng.random() < 0.3:
+                mon.full_slots[ep.id] = float(rng.randint(1, 8))
+            if rng.random() < 0.7:
+                age = rng.choice((0.0, 0.5, 5.0))  # 5 s: older than max_age, ignored
+                mon.stats[ep.id] = EngineStats(running=2, waiting=float(rng.randint(0, 9)),
+                                               at=time.monotonic() - age,
+                                               done=rng.randint(0, 3))
+        got = view.ahead()
+        for ep in EPS:
+            st = mon.fresh(ep.id)
+            waiting = 0.0 if st is None else st.waiting - (
+                cluster.finished.get(ep.id, 0) - st.done)
+            want = max(cluster.inflight[ep.id] - mon.batch_slots(ep.id, 4.0), waiting, 0.0)
+            assert got[ep.id] == want, (ep.id, got, want)
