@@ -79,3 +79,22 @@ def test_the_client_times_a_stream_and_reads_the_engine_and_usage() -> None:
         assert rec.error == "status 404"
     finally:
         engine.stop()
+
+
+def test_verdicts_weigh_each_routers_mean_over_repeats() -> None:
+    """kvgate's runs against each peer's mean, not kvgate's first run against the best
+    run any peer had (which a lucky repeat of a peer would win)."""
+    import bench
+
+    def run(router: str, hit: float, good: float, p99: float) -> dict:
+        return {"workload": "w", "load": 0.8, "router": router, "hit_ratio": hit,
+                "goodput_rps": good, "client_ttft_ms": {"p50": 10.0, "p99": p99}}
+
+    rows = [run("kvgate", 0.60, 20.0, 300.0), run("kvgate", 0.70, 24.0, 300.0),
+            run("sglang:cache_aware", 0.66, 23.0, 350.0),
+            run("sglang:cache_aware", 0.62, 19.0, 350.0)]
+    verdicts = bench.targets(rows)
+    assert "[met] w 80%: hit ratio 0.650 >= best peer 0.640" in verdicts[0]
+    assert verdicts[2].startswith("[met] w 80%: goodput 22.0 >= best peer 21.0")
+    assert verdicts[1].startswith("[NOT met] w 80%: client TTFT p99 300.0 ms <= 0.8 x best "
+                                  "peer 350.0")
