@@ -48,22 +48,18 @@ class CostModel:
                 raise OptionError(name, getattr(self, name), "must be >= 0")
 
     def ttft(self, prompt_tokens: int, matched: int, ahead: float) -> float:
-        if matched > prompt_tokens:  # (not min(): its argument parsing, per endpoint)
-            matched = prompt_tokens
+        matched = min(matched, prompt_tokens)
         return ((prompt_tokens - matched) * self.prefill_ms + matched * self.load_ms
                 + ahead * self.queue_ms)
 
     def cost(self, prompt_tokens: int, matched: int, ahead: float, held: int) -> float:
         """What routing minimises: the predicted TTFT, plus the price of copying a prefix
-        that another engine already holds (``held`` tokens of it)."""
-        if matched > prompt_tokens:  # ttft's sum inline: this runs per endpoint per request
-            matched = prompt_tokens
-        cost = ((prompt_tokens - matched) * self.prefill_ms + matched * self.load_ms
-                + ahead * self.queue_ms)
+        that another engine already holds (``held`` tokens of it). The definition; the
+        ranking has the same sums inline (``_ranked``)."""
+        cost = self.ttft(prompt_tokens, matched, ahead)
+        matched = min(matched, prompt_tokens)
         if self.replicate and held > matched:
-            if held > prompt_tokens:
-                held = prompt_tokens
-            cost += self.replicate * (held - matched) * self.prefill_ms
+            cost += self.replicate * (min(held, prompt_tokens) - matched) * self.prefill_ms
         return cost
 
 
