@@ -15,7 +15,6 @@ class Cluster:
         # replaced, never mutated (discovery): readers iterate whatever list they got
         self.endpoints: tuple[Endpoint, ...] = cfg.endpoints
         self.by_id = {ep.id: ep for ep in cfg.endpoints}
-        self._is_healthy = is_healthy
         self.is_up = is_healthy
         """``healthy`` for an id known to be the cluster's (no membership test)."""
         self._lock = threading.Lock()
@@ -24,7 +23,7 @@ class Cluster:
         self.finished: dict[str, int] = {}  # requests ended per endpoint, ever
 
     def healthy(self, endpoint_id: str) -> bool:
-        return endpoint_id in self.by_id and self._is_healthy(endpoint_id)
+        return endpoint_id in self.by_id and self.is_up(endpoint_id)
 
     def round_robin(self) -> Endpoint:
         """The next healthy endpoint in rotation; when none is healthy, the next one at all."""
@@ -32,7 +31,7 @@ class Cluster:
             n = len(self.endpoints)
             for step in range(n):
                 ep = self.endpoints[(self._next + step) % n]
-                if self._is_healthy(ep.id):
+                if self.is_up(ep.id):
                     self._next = (self._next + step + 1) % n
                     return ep
             ep = self.endpoints[self._next % n]
