@@ -14,7 +14,8 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import h11
@@ -37,6 +38,7 @@ class Record:
     engine: str = ""
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    body: dict[str, Any] | None = field(default=None, repr=False)  # as sent (for the floor)
 
 
 class _Conn:
@@ -147,7 +149,7 @@ async def run_session(pool: Pool | Callable[[], Pool], steps: list[Step], sessio
         chat = "messages" in body
         body.update({"model": model, "max_tokens": max_tokens, "stream": True,
                      "stream_options": {"include_usage": True}})
-        rec = Record(session, i, time.perf_counter() - t0)
+        rec = Record(session, i, time.perf_counter() - t0, body=body)
         out.append(rec)
         target = pool if isinstance(pool, Pool) else pool()
         answer = await target.stream(f"/v1/{'chat/' if chat else ''}completions", body, rec,

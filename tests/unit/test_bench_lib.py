@@ -10,8 +10,11 @@ import sys
 from itertools import islice
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
+from benchlib import floor  # noqa: E402
 from benchlib.client import Pool, Record, gaps, open_loop  # noqa: E402
 from benchlib.stats import bootstrap_ci, pct, summarise  # noqa: E402
 from benchlib.workloads import WORKLOADS  # noqa: E402
@@ -98,3 +101,54 @@ def test_verdicts_weigh_each_routers_mean_over_repeats() -> None:
     assert verdicts[2].startswith("[met] w 80%: goodput 22.0 >= best peer 21.0")
     assert verdicts[1].startswith("[NOT met] w 80%: client TTFT p99 300.0 ms <= 0.8 x best "
                                   "peer 350.0")
+
+
+def test_a_prompts_new_tokens_are_those_past_its_longest_prefix_sent_before() -> None:
+    prompts = [(1, 2, 3, 4), (1, 2, 3, 9, 9), (5, 6), (1, 2, 3, 4, 7), (5, 6), (2,)]
+    assert floor.new_tokens(prompts) == [4, 2, 2, 1, 0, 1]
+    rng = random.Random(5)  # against every pair, on prompts that share prefixes
+    stems = [tuple(rng.randrange(4) for _ in range(rng.randrange(1, 30))) for _ in range(8)]
+    prompts = [rng.choice(stems)[:rng.randrange(31)] + tuple(rng.randrange(4) for _ in
+               range(rng.randrange(6))) for _ in range(200)]
+    want = [len(p) - max((floor.common_prefix(p, q) for q in prompts[:i]), default=0)
+            for i, p in enumerate(prompts)]
+    assert floor.new_tokens(prompts) == want
+
+
+def test_the_floor_takes_requests_in_sending_order_on_the_fastest_engine() -> None:
+    """Records arrive in completion order; the floor follows their send times. Failed
+    requests count against the goodput ceiling's window but not in the percentiles."""
+    def rec(start: float, words: int, ok: bool = True) -> Record:
+        return Record(0, 0, start, ok=ok, body={"prompt": " ".join(["w"] * words)})
+
+    def tokens(body: dict) -> list[int]:
+        return [1] * len(body["prompt"].split())
+
+    recs = [rec(2.0, 150), rec(1.0, 100), rec(3.0, 100, ok=False)]
+    got = floor.floors_ms(recs, tokens, prefill_ms=0.1, time_scale=2.0)
+    assert got == [pytest.approx(10.0), pytest.approx(20.0), 0.0]
+    fig = floor.figures(recs, window=2.0, slo_ms=15.0, tokenize=tokens,
+                        engines=[(0.2, 2.0), (0.1, 2.0)])
+    assert fig["floor_ttft_ms"] == {"p50": 10.0, "p99": 20.0}
+    assert fig["goodput_ceiling_rps"] == 1.0  # the 50-token one and the repeat
+
+
+def test_a_target_past_the_floor_is_called_out_of_reach() -> None:
+    import bench
+
+    def run(router: str, p99: float, good: float, load: float = 0.8) -> dict:
+        return {"workload": "w", "load": load, "router": router, "hit_ratio": 0.5,
+                "goodput_rps": good, "client_ttft_ms": {"p50": 10.0, "p99": p99},
+                "floor_ttft_ms": {"p50": 5.0, "p99": 190.0}, "goodput_ceiling_rps": 21.0}
+
+    verdicts = bench.targets([run("kvgate", 200.0, 20.0), run("sglang:cache_aware", 220.0,
+                                                              20.0),
+                              run("kvgate", 200.0, 20.0, 0.95),
+                              run("sglang:cache_aware", 220.0, 20.0, 0.95)])
+    assert verdicts[1] == ("[out of reach] w 80%: client TTFT p99 200.0 ms <= 0.8 x best peer "
+                           "220.0 (sglang:cache_aware): the floor's p99 is 190.0 ms")
+    assert verdicts[3].startswith("[out of reach] w 95%: goodput 20.0 >= 1.1 x best peer")
+    assert verdicts[3].endswith(": the ceiling is 21.0")
+    near = bench.targets([run("kvgate", 210.0, 20.0), run("sglang:cache_aware", 250.0, 20.0)])
+    assert near[1].startswith("[NOT met]")  # 0.8 x 250 = 200 > the floor: within reach
+    assert near[1].endswith("(sglang:cache_aware)")
