@@ -251,13 +251,17 @@ def test_a_queue_read_before_requests_finished_is_discounted_by_them() -> None:
     view.monitor.full_slots["e1"] = 3.0
     view.monitor.stats["e1"] = EngineStats(running=3, waiting=2, at=time.monotonic(), done=5)
     view.cluster.finished["e1"] = 5
-    assert view.ahead()["e1"] == 2.0
+    assert view.ahead()["e1"] == 3.0  # two queued, then a slot to free: three completions
     view.cluster.finished["e1"] = 6
-    assert view.ahead()["e1"] == 1.0
+    assert view.ahead()["e1"] == 2.0
     view.cluster.finished["e1"] = 9
     assert view.ahead()["e1"] == 0.0
     view.cluster.inflight["e1"] = 5  # its own count beyond the slots still queues
-    assert view.ahead()["e1"] == 2.0
+    assert view.ahead()["e1"] == 3.0
+    view.cluster.inflight["e1"] = 3  # every slot taken, none queued: it waits for one
+    assert view.ahead()["e1"] == 1.0
+    view.cluster.inflight["e1"] = 2
+    assert view.ahead()["e1"] == 0.0
 
 
 def test_the_queue_view_follows_the_monitors_rules_for_slots_and_stale_figures() -> None:
@@ -285,5 +289,6 @@ def test_the_queue_view_follows_the_monitors_rules_for_slots_and_stale_figures()
             st = mon.fresh(ep.id)
             waiting = 0.0 if st is None else st.waiting - (
                 cluster.finished.get(ep.id, 0) - st.done)
-            want = max(cluster.inflight[ep.id] - mon.batch_slots(ep.id, 4.0), waiting, 0.0)
+            want = max(cluster.inflight[ep.id] - mon.batch_slots(ep.id, 4.0) + 1,
+                       waiting + 1 if waiting > 0 else 0.0, 0.0)
             assert got[ep.id] == want, (ep.id, got, want)

@@ -36,11 +36,14 @@ class FleetView:
         return self.cluster.inflight
 
     def ahead(self) -> dict[str, float]:
-        """Requests a new one would queue behind, per endpoint.
+        """Completions a new request waits for before it gets a batch slot, per endpoint.
 
-        Requests in flight only delay ours once the engine's batch slots are full: with the
-        slots learnt from /metrics, it is what is in flight beyond them, or the engine's own
-        waiting queue (other gateways' requests included) if larger.
+        Requests in flight only delay ours once the engine's batch slots are full, but from
+        then on ours waits one completion more than are queued: with every slot taken and
+        nobody queued it still waits for one to free (counting that as nothing sent hot
+        traffic into full holders, and their queue made its tail). Queued is what is in
+        flight beyond the slots learnt from /metrics, or the engine's own waiting queue
+        (other gateways' requests included) if larger.
         """
         # batch_slots and fresh inline (same rules): this runs per endpoint per request
         monitor, cluster = self.monitor, self.cluster
@@ -58,14 +61,14 @@ class FleetView:
                 slots = seen.get(eid, 0.0)
                 if slots < floor:
                     slots = floor
-            queue = inflight.get(eid, 0) - slots
+            queue = inflight.get(eid, 0) - slots + 1.0
             st = stats.get(eid)
             if st is not None and now - st.at <= max_age:
                 # less what has finished since it was read: a queue read half a second
                 # ago must not keep traffic off a drained engine
                 waiting = st.waiting - (finished.get(eid, 0) - st.done)
-                if waiting > queue:
-                    queue = waiting
+                if waiting > 0.0 and waiting + 1.0 > queue:
+                    queue = waiting + 1.0
             out[eid] = queue if queue > 0.0 else 0.0
         return out
 
