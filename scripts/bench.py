@@ -255,6 +255,15 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def per_load(rows: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]
+             ) -> list[tuple[float, float]]:
+    """(load, mean of value over the repeats) in load order."""
+    by: dict[float, list[float]] = {}
+    for r in rows:
+        by.setdefault(r["load"], []).append(value(r))
+    return [(load, sum(v) / len(v)) for load, v in sorted(by.items())]
+
+
 def charts(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
@@ -274,15 +283,31 @@ def charts(rows: list[dict[str, Any]], out: Path) -> None:
                                            "(higher is better)", False)):
         fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows),
                                  squeeze=False)
+        def value(r: dict[str, Any], metric: str = metric) -> float:
+            return r["client_ttft_ms"]["p99"] if metric == "p99" else r["goodput_rps"]
+
+        def bound(r: dict[str, Any], metric: str = metric) -> float | None:
+            if metric == "p99":
+                return r["floor_ttft_ms"]["p99"] if "floor_ttft_ms" in r else None
+            return r.get("goodput_ceiling_rps")
+
         for ax, wl in zip(axes.flat, workloads, strict=False):
             for router in routers:
-                pts = sorted((r["load"], r["client_ttft_ms"]["p99"] if metric == "p99"
-                              else r["goodput_rps"])
-                             for r in rows if r["workload"] == wl and r["router"] == router)
+                pts = per_load([r for r in rows if r["workload"] == wl
+                                and r["router"] == router], value)
                 if pts:
                     ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o",
                             label=router, color=colors.get(router),
                             linewidth=2.4 if router == "kvgate" else 1.2)
+            # kvgate's own floor (or ceiling): what no router can beat on that stream
+            mine = [r for r in rows if r["workload"] == wl and r["router"] == "kvgate"
+                    and bound(r) is not None]
+            pts = per_load(mine, lambda r: bound(r) or 0.0)
+            if pts:
+                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], color="black",
+                        linestyle="--", linewidth=1.0,
+                        label="floor (no router below)" if metric == "p99"
+                        else "ceiling (no router above)")
             ax.set_title(wl, fontsize=10)
             ax.set_xlabel("offered load, % of capacity", fontsize=8)
             if log:
@@ -291,9 +316,9 @@ def charts(rows: list[dict[str, Any]], out: Path) -> None:
         for ax in list(axes.flat)[len(workloads):]:
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
         fig.suptitle(title, fontsize=11)
-        fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+        fig.tight_layout(rect=(0, 0.08, 1, 0.96))
         fig.savefig(out / f"{'ttft_p99' if metric == 'p99' else 'goodput'}_vs_load.png",
                     dpi=90)
         plt.close(fig)

@@ -152,3 +152,10 @@ def test_a_target_past_the_floor_is_called_out_of_reach() -> None:
     near = bench.targets([run("kvgate", 210.0, 20.0), run("sglang:cache_aware", 250.0, 20.0)])
     assert near[1].startswith("[NOT met]")  # 0.8 x 250 = 200 > the floor: within reach
     assert near[1].endswith("(sglang:cache_aware)")
+
+
+def test_charts_plot_the_mean_of_the_repeats_per_load() -> None:
+    import bench
+
+    rows = [{"load": 0.8, "v": 10.0}, {"load": 0.5, "v": 4.0}, {"load": 0.8, "v": 20.0}]
+    assert bench.per_load(rows, lambda r: r["v"]) == [(0.5, 4.0), (0.8, 15.0)]
