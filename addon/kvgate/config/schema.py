@@ -138,7 +138,7 @@ class KVCacheConfig:
     background_queue: int = 256
     virtual_hosts: list[str] = field(default_factory=list)
     # routing model (README "Routing"): predicted TTFT = uncached * prefill_ms +
-    # cached * load_ms + requests ahead * queue_ms
+    # cached * load_ms + completions waited for * queue_ms
     signals: str = "engine"  # engine: /metrics of the holder; process: the seed's own CPU/RAM
     # the routing policy by name (kvgate/policies/): kvgate (predicted TTFT), longest_prefix
     # (the seed's rule), round_robin, loadaware, cache_aware

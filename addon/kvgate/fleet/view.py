@@ -39,9 +39,9 @@ class FleetView:
         """Completions a new request waits for before it gets a batch slot, per endpoint.
 
         Requests in flight only delay ours once the engine's batch slots are full, but from
-        then on ours waits one completion more than are queued: with every slot taken and
-        nobody queued it still waits for one to free (counting that as nothing sent hot
-        traffic into full holders, and their queue made its tail). Queued is what is in
+        then on ours waits for one completion more than are queued: with every slot taken
+        and nobody queued it still waits for one to free (counted as none, hot traffic went
+        into full holders and their queue made hot_prefix's tail). Queued is what is in
         flight beyond the slots learnt from /metrics, or the engine's own waiting queue
         (other gateways' requests included) if larger.
         """

@@ -28,7 +28,8 @@ class CostModel:
     """Predicted time to first token on one endpoint, in milliseconds.
 
     uncached prompt tokens are prefilled, cached ones loaded (LMCache's CPU tier, or
-    better), and every request ahead of ours costs about one queue slot.
+    better), and every completion ours waits for before it gets a batch slot costs about
+    one queue slot (``FleetView.ahead``).
     """
 
     prefill_ms: float = 0.07
