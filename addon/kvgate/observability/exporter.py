@@ -6,12 +6,16 @@ Each gateway has its own registry, so a config reload never registers a name twi
 
 from __future__ import annotations
 
+import socket
+import threading
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .stats import Sources
@@ -19,6 +23,15 @@ from .stats import Sources
 _BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# how often the admin server's loop looks for a shutdown: closing it (a config reload, on
+# the event loop) waits up to this long; prometheus-client's start_http_server polls
+# every 0.5 s, which stalled every flow for up to half a second on a reload
+SHUTDOWN_POLL_S = 0.02
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+        pass  # a scrape is not worth a line on the proxy's stderr
 
 
 class RatioHistogram:
@@ -64,7 +77,13 @@ class Exporter(Collector):
         self._server: Any = None
 
     def serve(self, host: str, port: int) -> None:
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server_class = type("AdminServer", (ThreadingWSGIServer,), {"address_family": family})
+        server = make_server(host, port, make_wsgi_app(self.registry), server_class,
+                             handler_class=_Quiet)
+        threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL_S,), daemon=True,
+                         name="kvgate-admin").start()
+        self._server = server
 
     def close(self) -> None:
         server, self._server = self._server, None
