@@ -108,15 +108,14 @@ def play_cell(wl_name: str, load: float, capacity: float, routers: list[Router],
                 records, window = asyncio.run(open_loop(
                     running.url, wl, rate, args.seconds, args.arrival, random.Random(seed),
                     wl.params["max_output"], fault_for(wl, cluster), model=args.model))
-                routes = running.routes()
+                scraped = running.scrape()
             row = summarise(records, window, wl.slo_ms, cluster.busy_seconds())
             if isinstance(cluster, SimCluster) and not any(e.tokenizer for e in cluster.params):
                 # its timing model and tokenizer are known here: the floor
                 row.update(floor.figures(
                     records, window, wl.slo_ms, tokenize_request,
                     [(e.prefill_ms, e.time_scale) for e in cluster.params]))
-            if routes:
-                row["routes"] = routes
+            row.update(scraped)
             row.update({"workload": wl_name, "load": load, "router": router.name,
                         "offered_rps": round(rate, 2), "repeat": rep,
                         "wall_s": round(time.monotonic() - t0, 1)})

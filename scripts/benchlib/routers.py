@@ -117,8 +117,10 @@ class Running:
     url: str
     metrics_url: str = ""
 
-    def routes(self) -> dict[str, float]:
-        """kvgate's routing decisions by reason (its admin port), for the diagnosis."""
+    def scrape(self) -> dict[str, dict[str, float]]:
+        """From kvgate's admin port, for the diagnosis: its routing decisions by reason
+        ("routes") and the mean time of its calls on the request path, in ms
+        ("helper_ms": tokenize, lookup): what it pays that round robin does not."""
         if not self.metrics_url:
             return {}
         try:
@@ -126,12 +128,28 @@ class Running:
                 text = r.read().decode()
         except OSError:
             return {}
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("kvgate_routing_decisions_total{"):
-                reason = line.split('reason="', 1)[1].split('"', 1)[0]
-                out[reason] = float(line.rsplit(" ", 1)[1])
-        return out
+        return parse_scrape(text)
+
+
+def parse_scrape(text: str) -> dict[str, dict[str, float]]:
+    routes: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("kvgate_routing_decisions_total{"):
+            routes[name.split('reason="', 1)[1].split('"', 1)[0]] = float(value)
+        for call in ("tokenize", "lookup"):
+            if name == f"kvgate_{call}_seconds_sum":
+                sums[call] = float(value)
+            elif name == f"kvgate_{call}_seconds_count":
+                counts[call] = float(value)
+    out: dict[str, dict[str, float]] = {"routes": routes} if routes else {}
+    helper = {call: round(1000 * sums[call] / n, 3)
+              for call, n in counts.items() if n > 0 and call in sums}
+    if helper:
+        out["helper_ms"] = helper
+    return out
 
 
 @contextlib.contextmanager

@@ -159,3 +159,22 @@ def test_charts_plot_the_mean_of_the_repeats_per_load() -> None:
 
     rows = [{"load": 0.8, "v": 10.0}, {"load": 0.5, "v": 4.0}, {"load": 0.8, "v": 20.0}]
     assert bench.per_load(rows, lambda r: r["v"]) == [(0.5, 4.0), (0.8, 15.0)]
+
+
+def test_scrape_reads_decisions_and_helper_means_from_prometheus_text() -> None:
+    """What the bench reads from kvgate's admin port, from text prometheus-client wrote."""
+    from benchlib.routers import parse_scrape
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    reg = CollectorRegistry()
+    decisions = Counter("kvgate_routing_decisions", "", ["reason"], registry=reg)
+    decisions.labels("cache").inc(3)
+    decisions.labels("balancer").inc()
+    lookup = Histogram("kvgate_lookup_seconds", "", registry=reg)
+    for s in (0.001, 0.002, 0.003):
+        lookup.observe(s)
+    Histogram("kvgate_tokenize_seconds", "", registry=reg)  # never called: no mean
+    got = parse_scrape(generate_latest(reg).decode())
+    assert got["routes"] == {"cache": 3.0, "balancer": 1.0}
+    assert got["helper_ms"] == {"lookup": 2.0}
+    assert parse_scrape("") == {}
