@@ -178,3 +178,34 @@ def test_scrape_reads_decisions_and_helper_means_from_prometheus_text() -> None:
     assert got["routes"] == {"cache": 3.0, "balancer": 1.0}
     assert got["helper_ms"] == {"lookup": 2.0}
     assert parse_scrape("") == {}
+
+
+def test_the_pooled_ideal_queues_for_the_first_slot_of_the_cluster_to_free() -> None:
+    recs = [Record(session=i, step=0, start=s, ok=True) for i, s in
+            enumerate((0.0, 0.05, 0.0, 0.0))]  # not in sending order
+    floors = [10.0, 20.0, 10.0, 10.0]
+    # two slots, each held 10 ms of prefill + 90 ms of decode: the third and fourth wait
+    assert floor.pooled_ms(recs, floors, 2, 90.0) == [10.0, 70.0, 10.0, 110.0]
+    # enough slots: nobody queues, the pool is the floor
+    assert floor.pooled_ms(recs, floors, 4, 90.0) == floors
+    fig = floor.figures(recs, window=1.0, slo_ms=50.0, tokenize=lambda body: [],
+                        engines=[(0.1, 1.0)], pool=(2, 90.0))
+    # floors of 0 (empty prompts): the third sent at 0 waits 90 ms, over the 50 ms objective;
+    # the one sent at 50 ms waits 40
+    assert fig["pooled_goodput_rps"] == 3.0
+
+
+def test_a_target_past_the_pooled_ideal_says_so() -> None:
+    import bench
+
+    def run(router: str, p99: float, pooled: float) -> dict:
+        return {"workload": "w", "load": 0.8, "router": router, "hit_ratio": 0.5,
+                "goodput_rps": 20.0, "client_ttft_ms": {"p50": 10.0, "p99": p99},
+                "floor_ttft_ms": {"p50": 5.0, "p99": 100.0}, "goodput_ceiling_rps": 21.0,
+                "pooled_ttft_ms": {"p50": 6.0, "p99": pooled}, "pooled_goodput_rps": 21.0}
+
+    past = bench.targets([run("kvgate", 200.0, 180.0), run("sglang:cache_aware", 220.0, 0)])
+    assert past[1] == ("[NOT met, past the pooled ideal] w 80%: client TTFT p99 200.0 ms <= "
+                       "0.8 x best peer 220.0 (sglang:cache_aware): its p99 is 180.0 ms")
+    within = bench.targets([run("kvgate", 200.0, 150.0), run("sglang:cache_aware", 220.0, 0)])
+    assert within[1].startswith("[NOT met] w 80%")
