@@ -117,6 +117,22 @@ def test_loadaware_skips_the_unhealthy_and_still_answers_when_none_is_healthy() 
     assert d.reason == BALANCER and d.detail == "none healthy"
 
 
+# ------------------------------------------------------------ kvgate's rule, nothing cached
+
+
+def test_kvgate_spreads_an_idle_fleet_and_sends_a_new_prefix_to_the_fewest_in_flight() -> None:
+    pol, view = policies.create("kvgate"), fleet()
+    assert {pol.choose(prompt(), [], view).endpoint.id for _ in range(3)} == {"e1", "e2", "e3"}
+    # below the batch slots (4 here) nobody has a queue, but e1 and e3 are busier: a new
+    # prefix goes to e2 whoever's turn it is
+    view.cluster.inflight.update({"e1": 3, "e2": 1, "e3": 2})
+    got = [pol.choose(prompt(), [], view) for _ in range(3)]
+    assert [(d.endpoint.id, d.reason) for d in got] == [("e2", BALANCER)] * 3
+    # equal in flight: the rotation decides again
+    view.cluster.inflight.update({"e1": 1, "e3": 1})
+    assert {pol.choose(prompt(), [], view).endpoint.id for _ in range(3)} == {"e1", "e2", "e3"}
+
+
 # ------------------------------------------------------------ cache_aware
 
 

@@ -159,9 +159,14 @@ class PredictedTTFT(Policy):
                 runner_up = f"{other.id} (predicted ttft {round(ttft2)} ms)"
             # whole ms as ints: formatting a float costs a float-to-text conversion
             return Decision(ep, CACHE, matched, f"predicted ttft {round(ttft)} ms", runner_up)
-        # Nothing cached anywhere worth it: spread by rotation among the least loaded.
+        # Nothing cached anywhere worth it: the least loaded (fewest ahead, then fewest in
+        # flight), the rotation breaking ties so that an idle fleet is still spread. In
+        # flight counts below the batch slots too: by rotation alone, one engine in four
+        # got a new prefix while busy with a hot one, and sixteen one-slot engines queued.
         rr = fleet.round_robin()
         held = held_anywhere(matched_by_instance(placements), fleet.healthy)
-        if self.model.cost(n_tokens, 0, ahead.get(rr.id, 0.0), held) <= cost + 1e-6:
+        inflight = fleet.inflight
+        if (self.model.cost(n_tokens, 0, ahead.get(rr.id, 0.0), held) <= cost + 1e-6
+                and inflight.get(rr.id, 0) <= inflight.get(ep.id, 0)):
             ep = rr
         return Decision(ep, BALANCER, 0, no_cache_detail(placements))
