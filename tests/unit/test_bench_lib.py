@@ -4,6 +4,7 @@ processes, deterministic workloads, and the client against a live simulated engi
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import statistics
 import sys
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 from benchlib import floor  # noqa: E402
 from benchlib.client import Pool, Record, gaps, open_loop  # noqa: E402
-from benchlib.stats import bootstrap_ci, pct, summarise  # noqa: E402
+from benchlib.stats import bootstrap_ci, bootstrap_sum_ci, pct, summarise  # noqa: E402
 from benchlib.workloads import WORKLOADS  # noqa: E402
 
 from kvgate.sim.engine import EngineParams, SimEngine  # noqa: E402
@@ -38,6 +39,48 @@ def test_the_p99_interval_brackets_the_estimate_and_narrows_with_more_requests()
     assert hi2 - lo2 < hi - lo
 
 
+def test_hit_ratio_and_goodput_intervals_bracket_the_run_and_narrow_with_requests() -> None:
+    rng = random.Random(2)
+    for n in (100, 2000):
+        prompt = [1000.0] * n
+        cached = [1000.0 if rng.random() < 0.8 else 0.0 for _ in range(n)]
+        lo, hi = bootstrap_sum_ci(cached, prompt)
+        assert lo <= sum(cached) / sum(prompt) <= hi and lo > 0.6 and hi < 0.95
+        met = [1.0 if rng.random() < 0.5 else 0.0 for _ in range(n)]
+        glo, ghi = bootstrap_sum_ci(met, 10.0)
+        assert glo <= sum(met) / 10.0 <= ghi
+        if n == 100:
+            wide, gwide = hi - lo, ghi / n - glo / n
+    assert hi - lo < wide and ghi / n - glo / n < gwide
+    assert all(map(math.isnan, bootstrap_sum_ci([1.0], [2.0])))
+
+
+def test_a_target_missed_inside_one_runs_noise_says_so_and_stays_not_met() -> None:
+    import bench
+
+    def run(router: str, hit: float, hit_ci: list[float], good: float,
+            good_ci: list[float]) -> dict:
+        return {"workload": "w", "load": 0.8, "router": router, "hit_ratio": hit,
+                "goodput_rps": good, "client_ttft_ms": {"p50": 10.0, "p99": 300.0,
+                                                        "p99_ci95": [250.0, 350.0]},
+                "hit_ratio_ci95": hit_ci, "goodput_ci95": good_ci}
+
+    verdicts = bench.targets([run("kvgate", 0.80, [0.78, 0.82], 18.0, [17.5, 18.5]),
+                              run("sglang:cache_aware", 0.83, [0.81, 0.85], 21.0,
+                                  [20.0, 22.0])])
+    hit, p99, good = verdicts
+    assert hit.startswith("[NOT met] w 80%: hit ratio 0.800 >= best peer 0.830")
+    assert hit.endswith("; within one run's noise: 95% intervals kvgate 0.780-0.820, "
+                        "target 0.805-0.845")
+    assert p99.startswith("[NOT met]") and "within one run's noise" in p99  # 250 <= 280
+    assert good.startswith("[NOT met]") and "noise" not in good  # 18.5 < 20.0
+    # with repeats, their spread decides, not one run's interval
+    twice = bench.targets([run("kvgate", 0.80, [0.78, 0.82], 18.0, [17.5, 18.5])] * 2
+                          + [run("sglang:cache_aware", 0.83, [0.81, 0.85], 21.0,
+                                 [20.0, 22.0])] * 2)
+    assert "noise" not in twice[0]
+
+
 def test_goodput_counts_requests_within_the_objective_per_second() -> None:
     recs = [Record(0, 0, 0.0, ok=True, ttft_ms=t, prompt_tokens=100, cached_tokens=50)
             for t in (10, 20, 300, 400)] + [Record(1, 0, 0.0, error="status 502")]
@@ -45,6 +88,9 @@ def test_goodput_counts_requests_within_the_objective_per_second() -> None:
     assert row["goodput_rps"] == 1.0 and row["failed"] == 1
     assert row["hit_ratio"] == 0.5 and row["imbalance"] == 1.5
     assert row["slo_met"] == 0.4
+    assert row["hit_ratio_ci95"] == [0.5, 0.5]  # every request half cached
+    lo, hi = row["goodput_ci95"]
+    assert 0.0 <= lo <= 1.0 <= hi <= 2.5  # 0-5 of 5 within the objective, over 2 s
 
 
 def test_arrivals_keep_the_rate_and_bursty_ones_clump() -> None:
