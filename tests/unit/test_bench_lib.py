@@ -69,16 +69,21 @@ def test_a_target_missed_inside_one_runs_noise_says_so_and_stays_not_met() -> No
                               run("sglang:cache_aware", 0.83, [0.81, 0.85], 21.0,
                                   [20.0, 22.0])])
     hit, p99, good = verdicts
-    assert hit.startswith("[NOT met] w 80%: hit ratio 0.800 >= best peer 0.830")
-    assert hit.endswith("; within one run's noise: 95% intervals kvgate 0.780-0.820, "
-                        "target 0.805-0.845")
-    assert p99.startswith("[NOT met]") and "within one run's noise" in p99  # 250 <= 280
+    # the hit ratio on one stream is steadier than its unpaired intervals: no label
+    assert hit == ("[NOT met] w 80%: hit ratio 0.800 >= best peer 0.830 "
+                   "(sglang:cache_aware) - 0.005")
+    assert p99.startswith("[NOT met] w 80%: client TTFT p99 300.0 ms <= 0.8 x best peer")
+    assert p99.endswith("; within one run's noise: 95% intervals kvgate 250.0-350.0, "
+                        "target 200.0-280.0")
     assert good.startswith("[NOT met]") and "noise" not in good  # 18.5 < 20.0
+    near = bench.targets([run("kvgate", 0.80, [0.78, 0.82], 19.0, [18.0, 20.5]),
+                          run("sglang:cache_aware", 0.83, [0.81, 0.85], 21.0, [20.0, 22.0])])
+    assert near[2].endswith("95% intervals kvgate 18.0-20.5, target 20.0-22.0")
     # with repeats, their spread decides, not one run's interval
     twice = bench.targets([run("kvgate", 0.80, [0.78, 0.82], 18.0, [17.5, 18.5])] * 2
                           + [run("sglang:cache_aware", 0.83, [0.81, 0.85], 21.0,
                                  [20.0, 22.0])] * 2)
-    assert "noise" not in twice[0]
+    assert "noise" not in twice[1]
 
 
 def test_goodput_counts_requests_within_the_objective_per_second() -> None:
