@@ -193,10 +193,9 @@ def mean_per_router(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["pooled_p99_ms"] = round(mean(lambda r: r["pooled_ttft_ms"]["p99"]), 1)
             row["pooled_goodput_rps"] = mean(lambda r: r["pooled_goodput_rps"])
         one = rs[0]
-        if len(rs) == 1 and "hit_ratio_ci95" in one and "goodput_ci95" in one:
+        if len(rs) == 1 and "goodput_ci95" in one:
             # one run: its own intervals (with repeats, their spread is the measure)
-            row["ci95"] = {"hit_ratio": one["hit_ratio_ci95"],
-                           "goodput_rps": one["goodput_ci95"],
+            row["ci95"] = {"goodput_rps": one["goodput_ci95"],
                            "p99": one["client_ttft_ms"].get("p99_ci95")}
         out.append(row)
     return out
@@ -243,11 +242,11 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
                      f"best peer {p99[1]} ({p99[0]})",
                      f"the floor's p99 is {floor_p99} ms" if floor_p99 > want else "",
                      f"its p99 is {pooled_p99} ms" if pooled_p99 > want else "",
-                     overlap(kv, cell, p99[0], "p99", 0.8, 0.0, False))
+                     overlap(kv, cell, p99[0], "p99", 0.8, False))
             if good:
                 line(kv["goodput_rps"] >= good[1],
                      f"{wl} 80%: goodput {kv['goodput_rps']} >= best peer {good[1]} ({good[0]})",
-                     noise=overlap(kv, cell, good[0], "goodput_rps", 1.0, 0.0, True))
+                     noise=overlap(kv, cell, good[0], "goodput_rps", 1.0, True))
             rr = next((r for r in cell if r["router"] == "round_robin"), None)
             if wl == "unique" and rr:
                 line(kv["client_ttft_ms"]["p50"] <= 1.02 * rr["client_ttft_ms"]["p50"],
@@ -263,14 +262,14 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
                      f"({good[0]})",
                      f"the ceiling is {ceiling}" if ceiling < want else "",
                      f"its goodput is {pooled_good}" if pooled_good < want else "",
-                     overlap(kv, cell, good[0], "goodput_rps", 1.1, 0.0, True))
+                     overlap(kv, cell, good[0], "goodput_rps", 1.1, True))
     return out
 
 
 def overlap(kv: dict[str, Any], cell: list[dict[str, Any]], peer: str, metric: str,
-            times: float, plus: float, higher: bool) -> str:
+            times: float, higher: bool) -> str:
     """For a target not met in one run each: whether kvgate's 95% interval reaches the
-    target's (the peer's, times ``times`` plus ``plus``). Then one run cannot tell the
+    target's (the peer's, times ``times``). Then one run cannot tell the
     two apart; the verdict stays "not met", and repeats are what decide.
 
     Used for p99 and goodput, which move between runs of one router on one stream (the
@@ -282,11 +281,10 @@ def overlap(kv: dict[str, Any], cell: list[dict[str, Any]], peer: str, metric: s
     mine, theirs = kv.get("ci95", {}).get(metric), (other or {}).get("ci95", {}).get(metric)
     if not mine or not theirs or any(math.isnan(v) for v in (*mine, *theirs)):
         return ""
-    lo, hi = theirs[0] * times + plus, theirs[1] * times + plus
+    lo, hi = theirs[0] * times, theirs[1] * times
     if (mine[1] >= lo) if higher else (mine[0] <= hi):
-        digits = 3 if metric == "hit_ratio" else 1
-        return (f"; within one run's noise: 95% intervals kvgate {mine[0]:.{digits}f}-"
-                f"{mine[1]:.{digits}f}, target {lo:.{digits}f}-{hi:.{digits}f}")
+        return (f"; within one run's noise: 95% intervals kvgate {mine[0]:.1f}-"
+                f"{mine[1]:.1f}, target {lo:.1f}-{hi:.1f}")
     return ""
 
 
