@@ -264,8 +264,13 @@ def test_controller_restart_under_traffic_no_client_error_and_cache_routing_resu
     resumed = [o for o in outcomes if o.what == "doc" and o.route == "cache"
                and o.at > down_until]
     assert resumed, [(o.at, o.what, o.route) for o in outcomes]
-    holders = set(lookup(cluster, doc_tokens))
-    assert {o.endpoint for o in resumed} <= holders | {"engine-2"}, (resumed, holders)
+    # holders: what LMCache names (one instance per chunk in lmcache 0.5.6), engine-2, and
+    # any engine that served the document before (the fallback rotation in the gap: seen
+    # once in CI, a cache route to engine-1 with the whole document cached there)
+    served = {o.endpoint for o in outcomes if o.what == "doc" and o.status == 200
+              and o not in resumed}
+    holders = set(lookup(cluster, doc_tokens)) | {"engine-2"} | served
+    assert {o.endpoint for o in resumed} <= holders, (resumed, holders)
     assert all(o.cached >= held for o in resumed)
     print(f"[controller restarted] routes of the document after the restart: "
           f"{[o.route for o in outcomes if o.what == 'doc' and o.at > down_until]}")
