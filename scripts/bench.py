@@ -47,7 +47,7 @@ from benchlib.client import (  # noqa: E402
 )
 from benchlib.cluster import ROOT, SimCluster, engine_params  # noqa: E402
 from benchlib.real_cluster import RealCluster  # noqa: E402
-from benchlib.routers import ROUTERS, Router, start  # noqa: E402
+from benchlib.routers import ROUTERS, Router, find_router, start  # noqa: E402
 from benchlib.stats import summarise  # noqa: E402
 from benchlib.workloads import WORKLOADS, Workload  # noqa: E402
 
@@ -97,7 +97,7 @@ def play_cell(wl_name: str, load: float, capacity: float, routers: list[Router],
     rows = []
     for rep in range(args.repeats):
         seed = f"{args.seed}:{wl_name}:{load}:{rep}"
-        n = math.ceil(rate * args.seconds * 1.5) + 8
+        n = math.ceil(rate * (args.warmup + args.seconds) * 1.5) + 8
         wl = make(wl_name, seed, n, args.speed)
         if args.slo_ms:
             wl.slo_ms = args.slo_ms
@@ -107,7 +107,8 @@ def play_cell(wl_name: str, load: float, capacity: float, routers: list[Router],
             with start(router, cluster, log_dir) as running:
                 records, window = asyncio.run(open_loop(
                     running.url, wl, rate, args.seconds, args.arrival, random.Random(seed),
-                    wl.params["max_output"], fault_for(wl, cluster), model=args.model))
+                    wl.params["max_output"], fault_for(wl, cluster), model=args.model,
+                    warmup=args.warmup))
                 scraped = running.scrape()
             row = summarise(records, window, wl.slo_ms, cluster.busy_seconds())
             if isinstance(cluster, SimCluster) and not any(e.tokenizer for e in cluster.params):
@@ -165,7 +166,7 @@ def run_workload(name: str, loads: list[float], routers: list[Router],
 
 
 def best_peer(rows: list[dict], key: Any, lower: bool) -> tuple[str, float] | None:
-    peers = [(r["router"], key(r)) for r in rows if ROUTERS[r["router"]].peer]
+    peers = [(r["router"], key(r)) for r in rows if find_router(r["router"]).peer]
     if not peers:
         return None
     return (min if lower else max)(peers, key=lambda p: p[1])
@@ -317,6 +318,12 @@ def per_load(rows: list[dict[str, Any]], value: Callable[[dict[str, Any]], float
     return [(load, sum(v) / len(v)) for load, v in sorted(by.items())]
 
 
+COLORS = {"round_robin": "#9a9a9a", "seed": "#e0a040", "kvgate": "#1f6fb2",
+          "kvgate:loadaware": "#6a9fd0", "kvgate:cache_aware": "#9ac0e0",
+          "vllm-router:cache_aware": "#d0402a", "vllm-router:power_of_two": "#f09080",
+          "sglang:cache_aware": "#2a9a40", "sglang:power_of_two": "#90d090"}
+
+
 def charts(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
@@ -327,10 +334,7 @@ def charts(rows: list[dict[str, Any]], out: Path) -> None:
     routers = list(dict.fromkeys(r["router"] for r in rows))
     cols = min(3, len(workloads))
     nrows = math.ceil(len(workloads) / cols)
-    colors = {"round_robin": "#9a9a9a", "seed": "#e0a040", "kvgate": "#1f6fb2",
-              "kvgate:loadaware": "#6a9fd0", "kvgate:cache_aware": "#9ac0e0",
-              "vllm-router:cache_aware": "#d0402a", "vllm-router:power_of_two": "#f09080",
-              "sglang:cache_aware": "#2a9a40", "sglang:power_of_two": "#90d090"}
+    colors = COLORS
     for metric, title, log in (("p99", "client TTFT p99, ms (lower is better)", True),
                                ("goodput", "goodput, requests/s within the TTFT objective "
                                            "(higher is better)", False)):
@@ -375,6 +379,56 @@ def charts(rows: list[dict[str, Any]], out: Path) -> None:
         fig.savefig(out / f"{'ttft_p99' if metric == 'p99' else 'goodput'}_vs_load.png",
                     dpi=90)
         plt.close(fig)
+    trade_chart(rows, out)
+
+
+def trade_chart(rows: list[dict[str, Any]], out: Path) -> None:
+    """hit_vs_p99.png: per workload, at 80% load (else the middle load run), each router's
+    hit ratio against its client TTFT p99, means over the repeats: what a cache hit costs
+    in tail latency, at a glance (up and to the left is better)."""
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    cols = min(3, len(workloads))
+    nrows = math.ceil(len(workloads) / cols)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    colors = COLORS
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    seen: dict[str, Any] = {}  # one legend entry per router
+    for ax, wl in zip(axes.flat, workloads, strict=False):
+        mine = [r for r in rows if r["workload"] == wl]
+        loads = sorted({r["load"] for r in mine})
+        load = 0.8 if 0.8 in loads else loads[len(loads) // 2]
+        for row in mean_per_router([r for r in mine if r["load"] == load]):
+            name = row["router"]
+            x, y = row["client_ttft_ms"]["p99"], row["hit_ratio"]
+            ax.scatter([x], [y], color=colors.get(name, "#555555"), label=name,
+                       s=60 if name == "kvgate" else 28, zorder=3)
+            if name not in colors:  # a variant (kvgate@replicate=2): named where it is
+                ax.annotate(name.partition("@")[2], (x, y), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+            seen.setdefault(name if name in colors else "kvgate with a knob set (named)",
+                            ax.collections[-1])
+        ax.set_title(f"{wl}, {load:.0%} load", fontsize=10)
+        ax.set_xscale("log")
+        # plain figures at 1, 2, 3, 5 x 10^k: a panel spans well under a decade at times
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2, 3, 5)))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("client TTFT p99, ms", fontsize=8)
+        ax.set_ylabel("hit ratio", fontsize=8)
+        ax.tick_params(labelsize=7, which="both")
+    for ax in list(axes.flat)[len(workloads):]:
+        ax.axis("off")
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=min(len(seen), 4),
+               fontsize=8)
+    fig.suptitle("hit ratio against tail latency (up and to the left is better)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    fig.savefig(out / "hit_vs_p99.png", dpi=90)
+    plt.close(fig)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -392,10 +446,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--routers", default=",".join(DEFAULT_ROUTERS),
-                    help=f"comma-separated, of {', '.join(ROUTERS)}")
+                    help=f"comma-separated, of {', '.join(ROUTERS)}; kvgate@KNOB=N[@...] "
+                         "is kvgate with a knob of its rule set (kvgate@replicate=2)")
     ap.add_argument("--loads", default="0.5,0.8,0.95",
                     help="offered loads, as fractions of the measured capacity")
-    ap.add_argument("--seconds", type=float, default=6.0, help="arrivals per run")
+    ap.add_argument("--seconds", type=float, default=6.0,
+                    help="arrivals measured per run, after the warm-up")
+    ap.add_argument("--warmup", type=float, default=0.0,
+                    help="seconds of arrivals played first in every run and not measured")
     ap.add_argument("--repeats", type=int, default=1, help="runs per (workload, load, router)")
     ap.add_argument("--arrival", choices=("poisson", "bursty"), default="poisson")
     ap.add_argument("--capacity-seconds", type=float, default=4.0)
@@ -429,11 +487,15 @@ def main() -> int:
         if args.routers == ",".join(DEFAULT_ROUTERS):
             args.routers = ",".join(QUICK_ROUTERS)
     names = [w for w in args.workloads.split(",") if w]
-    bad = [w for w in names if w not in WORKLOADS] + [
-        r for r in args.routers.split(",") if r and r not in ROUTERS]
+    bad = [w for w in names if w not in WORKLOADS]
+    routers = []
+    for name in (r for r in args.routers.split(",") if r):
+        try:
+            routers.append(find_router(name))
+        except KeyError as e:
+            bad.append(str(e.args[0]))
     if bad:
         ap.error(f"unknown workloads or routers: {', '.join(bad)}")
-    routers = [ROUTERS[r] for r in args.routers.split(",") if r]
     missing = [r.name for r in routers if not r.available]
     if missing:
         print(f"[bench] not installed, left out: {', '.join(missing)} "
@@ -473,7 +535,8 @@ def main() -> int:
             "command": "scripts/bench " + " ".join(sys.argv[1:]),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
                        f"{platform.python_version()}",
-            "arrival": args.arrival, "seconds": args.seconds, "repeats": args.repeats,
+            "arrival": args.arrival, "seconds": args.seconds, "warmup_s": args.warmup,
+            "repeats": args.repeats,
             "seed": args.seed, "elapsed_s": round(elapsed),
             "speed": args.speed, "cluster": "real vLLM (CPU) x2 + LMCache" if args.real
             else "simulated",

@@ -173,20 +173,25 @@ def gaps(rate: float, arrival: str, rng: random.Random) -> Iterator[float]:
 async def open_loop(base_url: str, wl: Workload, rate: float, seconds: float,
                     arrival: str, rng: random.Random, max_tokens: int,
                     fault: Callable[[float], Awaitable[None]] | None = None,
-                    drain: float = 60.0, model: str = MODEL) -> tuple[list[Record], float]:
+                    drain: float = 60.0, model: str = MODEL, warmup: float = 0.0
+                    ) -> tuple[list[Record], float]:
     """Start sessions at ``rate`` requests/s (sessions at rate / steps per session) for
-    ``seconds``; wait for them to finish (at most ``drain`` more). (records, window)."""
+    ``warmup`` + ``seconds``; wait for them to finish (at most ``drain`` more).
+    (records, window): the requests sent after the warm-up, their ``start`` counted from
+    its end. The warm-up is played the same way but not measured, so what is measured is
+    the cluster and the router past their first second (caches filled, slots learnt), as a
+    gateway that has been up a while serves; a fault is scheduled after it too."""
     pool = Pool(base_url)
     out: list[Record] = []
     t0 = time.perf_counter()
     tasks: list[asyncio.Task[None]] = []
     session_rate = rate / wl.steps_per_session
     sessions = iter(wl.sessions)
-    fault_task = asyncio.ensure_future(fault(seconds)) if fault else None
+    fault_task = asyncio.ensure_future(_after(warmup, fault(seconds))) if fault else None
     at = 0.0
     for gap in gaps(session_rate, arrival, rng):
         at += gap
-        if at >= seconds:
+        if at >= warmup + seconds:
             break
         steps = next(sessions, None)
         if steps is None:
@@ -194,7 +199,7 @@ async def open_loop(base_url: str, wl: Workload, rate: float, seconds: float,
         await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
         tasks.append(asyncio.ensure_future(
             run_session(pool, steps, len(tasks), t0, out, max_tokens, model)))
-    window = time.perf_counter() - t0
+    window = time.perf_counter() - t0 - warmup
     if tasks:
         done, pending = await asyncio.wait(tasks, timeout=drain)
         for t in pending:
@@ -206,7 +211,15 @@ async def open_loop(base_url: str, wl: Workload, rate: float, seconds: float,
     if fault_task is not None:
         await fault_task
     pool.close()
-    return out, max(window, seconds)
+    measured = [rec for rec in out if rec.start >= warmup]
+    for rec in measured:
+        rec.start -= warmup
+    return measured, max(window, seconds)
+
+
+async def _after(delay: float, then: Awaitable[None]) -> None:
+    await asyncio.sleep(delay)
+    await then
 
 
 async def closed_loop(urls: list[str], wl: Workload, workers: int, seconds: float,

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class Router:
     kind: str  # kvgate | vllm-router | sglang
     setting: str  # kvgate: a policy (or round_robin / seed); peers: their --policy
     peer: bool = False
+    knobs: tuple[tuple[str, float], ...] = ()
+    """kvgate's own rule with these ``policies.kvgate`` knobs (``kvgate@replicate=2``)."""
 
     @property
     def available(self) -> bool:
@@ -61,7 +63,33 @@ ROUTERS = {r.name: r for r in (
 )}
 
 
-def kvgate_config(cluster: SimCluster | RealCluster, setting: str) -> dict[str, Any]:
+def find_router(name: str) -> Router:
+    """A router by name: one of ``ROUTERS``, or kvgate's rule with knobs of its own,
+    ``kvgate@replicate=2`` (``@`` between several), to see what a knob trades on the same
+    stream as the default. KeyError names what is wrong."""
+    if name in ROUTERS:
+        return ROUTERS[name]
+    base, _, rest = name.partition("@")
+    if base != "kvgate" or not rest:
+        raise KeyError(name)
+    from kvgate.policies.predicted_ttft import CostModel
+
+    known = {f.name for f in fields(CostModel)}
+    knobs = []
+    for item in rest.split("@"):
+        key, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise KeyError(f"{name} ({item}: want knob=number)") from None
+        if key not in known:
+            raise KeyError(f"{name} ({key}: not a knob of kvgate, {', '.join(sorted(known))})")
+        knobs.append((key, number))
+    return Router(name, "kvgate", "kvgate", knobs=tuple(knobs))
+
+
+def kvgate_config(cluster: SimCluster | RealCluster, setting: str,
+                  knobs: tuple[tuple[str, float], ...] = ()) -> dict[str, Any]:
     cfg = cluster.config()
     kv = cfg["kvcache"]
     kv.pop("lookup_routing_timeout", None)  # the defaults, as a user starts
@@ -74,6 +102,8 @@ def kvgate_config(cluster: SimCluster | RealCluster, setting: str) -> dict[str, 
         kv["policy"] = setting
     if os.environ.get("KVGATE_BENCH_KV") and setting == "kvgate":
         kv.update(json.loads(os.environ["KVGATE_BENCH_KV"]))  # experiments only
+    if knobs:
+        kv["policies"] = {"kvgate": dict(knobs)}
     return cfg
 
 
@@ -158,7 +188,7 @@ def start(router: Router, cluster: SimCluster | RealCluster, log_dir: Path) -> I
     log = log_dir / f"{router.name.replace(':', '-')}.log"
     workers = cluster.urls
     if router.kind == "kvgate":
-        cfg = kvgate_config(cluster, router.setting)
+        cfg = kvgate_config(cluster, router.setting, router.knobs)
         admin = free_port()
         cfg["kvcache"]["metrics_port"] = admin
         with gateway(cfg, workers[0]) as port:

@@ -135,6 +135,43 @@ def test_the_client_times_a_stream_and_reads_the_engine_and_usage() -> None:
         engine.stop()
 
 
+def test_a_warm_up_is_played_but_not_measured() -> None:
+    """Requests sent in the warm-up reach the engine and are left out of what is returned;
+    the rest are timed from the warm-up's end."""
+    engine = SimEngine("e1", EngineParams(time_scale=0.01, max_output=4))
+    port = engine.start()
+    try:
+        wl = WORKLOADS["unique"](random.Random(2), 60)
+        recs, window = asyncio.run(open_loop(f"http://127.0.0.1:{port}", wl, 40.0, 0.4,
+                                             "poisson", random.Random(3), 4, warmup=0.4))
+        served = engine.ttft_n
+        assert recs and all(r.ok and 0.0 <= r.start < 0.4 for r in recs)
+        assert served > len(recs)  # the warm-up's went to the engine too
+        assert 0.4 <= window < 0.8
+    finally:
+        engine.stop()
+
+
+def test_routers_by_name_and_kvgate_with_a_knob_of_its_rule() -> None:
+    from benchlib.routers import ROUTERS, find_router, kvgate_config
+
+    assert find_router("vllm-router:cache_aware") is ROUTERS["vllm-router:cache_aware"]
+    r = find_router("kvgate@replicate=2@queue_ms=60")
+    assert (r.kind, r.setting, r.peer) == ("kvgate", "kvgate", False)
+    assert r.knobs == (("replicate", 2.0), ("queue_ms", 60.0))
+
+    class Cluster:
+        def config(self) -> dict:
+            return {"kvcache": {"lookup_routing_timeout": "50ms"}}
+
+    kv = kvgate_config(Cluster(), r.setting, r.knobs)["kvcache"]  # type: ignore[arg-type]
+    assert kv["policies"] == {"kvgate": {"replicate": 2.0, "queue_ms": 60.0}}
+    for bad in ("kvgate@nope=1", "kvgate@replicate=lots", "kvgate@", "sglang@replicate=2",
+                "nobody"):
+        with pytest.raises(KeyError):
+            find_router(bad)
+
+
 def test_verdicts_weigh_each_routers_mean_over_repeats() -> None:
     """kvgate's runs against each peer's mean, not kvgate's first run against the best
     run any peer had (which a lucky repeat of a peer would win)."""
@@ -210,6 +247,19 @@ def test_charts_plot_the_mean_of_the_repeats_per_load() -> None:
 
     rows = [{"load": 0.8, "v": 10.0}, {"load": 0.5, "v": 4.0}, {"load": 0.8, "v": 20.0}]
     assert bench.per_load(rows, lambda r: r["v"]) == [(0.5, 4.0), (0.8, 15.0)]
+
+
+def test_charts_are_written_with_the_hit_ratio_against_p99(tmp_path: Path) -> None:
+    import bench
+
+    rows = [{"workload": w, "load": load, "router": r, "repeat": 0, "hit_ratio": h,
+             "goodput_rps": 10.0, "client_ttft_ms": {"p50": 10.0, "p99": p}}
+            for w in ("rag", "unique") for load in (0.5, 0.8)
+            for r, h, p in (("kvgate", 0.8, 200.0), ("kvgate@replicate=2", 0.82, 260.0),
+                            ("vllm-router:cache_aware", 0.83, 900.0))]
+    bench.charts(rows, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "ttft_p99_vs_load.png", "goodput_vs_load.png", "hit_vs_p99.png"}
 
 
 def test_scrape_reads_decisions_and_helper_means_from_prometheus_text() -> None:
