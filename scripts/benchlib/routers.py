@@ -85,6 +85,10 @@ def find_router(name: str) -> Router:
         if key not in known:
             raise KeyError(f"{name} ({key}: not a knob of kvgate, {', '.join(sorted(known))})")
         knobs.append((key, number))
+    try:  # out of range: said here, not by a gateway that will not start mid-sweep
+        CostModel(**dict(knobs)).check()
+    except ValueError as e:
+        raise KeyError(f"{name} ({e})") from None
     return Router(name, "kvgate", "kvgate", knobs=tuple(knobs))
 
 

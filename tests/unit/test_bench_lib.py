@@ -166,8 +166,8 @@ def test_routers_by_name_and_kvgate_with_a_knob_of_its_rule() -> None:
 
     kv = kvgate_config(Cluster(), r.setting, r.knobs)["kvcache"]  # type: ignore[arg-type]
     assert kv["policies"] == {"kvgate": {"replicate": 2.0, "queue_ms": 60.0}}
-    for bad in ("kvgate@nope=1", "kvgate@replicate=lots", "kvgate@", "sglang@replicate=2",
-                "nobody"):
+    for bad in ("kvgate@nope=1", "kvgate@replicate=lots", "kvgate@replicate=-1", "kvgate@",
+                "sglang@replicate=2", "nobody"):
         with pytest.raises(KeyError):
             find_router(bad)
 
