@@ -546,7 +546,9 @@ def main() -> int:
         {"meta": meta, "capacity_rps": {k: round(v, 2) for k, v in capacity.items()},
          "runs": rows}, indent=1))
     text = [f"{meta['date']}, `{meta['command']}`, {meta['machine']}; {args.arrival} "
-            f"arrivals, {args.seconds:g} s per run, {elapsed:.0f} s in all", "",
+            f"arrivals, {args.seconds:g} s per run"
+            + (f" after a {args.warmup:g} s warm-up" if args.warmup else "")
+            + f", {elapsed:.0f} s in all", "",
             "capacity (req/s, every slot busy, no router): "
             + ", ".join(f"{k} {v:.1f}" for k, v in capacity.items()), ""]
     text += table(rows) + [""] + [f"- {n}: {note}; TTFT objective {meta['slo_ms'][n]:g} ms"
