@@ -39,7 +39,7 @@ from typing import Any
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import floor, workloads  # noqa: E402
+from benchlib import dump, floor, workloads  # noqa: E402
 from benchlib.client import (  # noqa: E402
     MODEL,  # noqa: E402
     closed_loop,
@@ -122,6 +122,10 @@ def play_cell(wl_name: str, load: float, capacity: float, routers: list[Router],
                     [(e.prefill_ms, e.time_scale) for e in cluster.params],
                     pool=(sum(e.batch_slots for e in cluster.params),
                           steps * fast.decode_ms * fast.time_scale)))
+            if args.dump_requests and isinstance(cluster, SimCluster):
+                dump.write(args.out / "requests" / dump.name(wl_name, load, router.name, rep),
+                           dump_meta(wl, load, router.name, rep, cluster), records,
+                           tokenize_request)
             row.update(scraped)
             row.update({"workload": wl_name, "load": load, "router": router.name,
                         "offered_rps": round(rate, 2), "repeat": rep,
@@ -131,6 +135,17 @@ def play_cell(wl_name: str, load: float, capacity: float, routers: list[Router],
             bar.update(1)
         routers = routers[::-1]  # alternate the order
     return rows
+
+
+def dump_meta(wl: Workload, load: float, router: str, rep: int,
+              cluster: SimCluster) -> dict[str, Any]:
+    """What a request dump says of its run (``benchlib/dump.py``)."""
+    steps = wl.params["max_output"] - 1  # decode steps after the first token
+    engines = [{"slots": e.batch_slots, "prefill_ms": e.prefill_ms * e.time_scale,
+                "hold_ms": min(steps, e.max_output - 1) * e.decode_ms * e.time_scale}
+               for e in cluster.params]
+    return {"workload": wl.name, "load": load, "router": router, "repeat": rep,
+            "fault": wl.fault, "slo_ms": wl.slo_ms, "engines": engines}
 
 
 def run_workload(name: str, loads: list[float], routers: list[Router],
@@ -467,6 +482,9 @@ def main() -> int:
                          "sizes are its own")
     ap.add_argument("--slo-ms", type=float, default=0.0,
                     help="one TTFT objective for every workload (default: each its own)")
+    ap.add_argument("--dump-requests", action="store_true",
+                    help="also write every run's requests as JSON lines to DIR/requests/ "
+                         "(simulated clusters; benchlib/dump.py has the format)")
     ap.add_argument("--speed", type=float, default=1.0,
                     help="play every engine this many times faster (TTFT objectives shrink "
                          "with it): more requests per second, more load on this machine")
