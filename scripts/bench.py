@@ -15,7 +15,8 @@ workload's TTFT objective, per second of arrivals); prefix-hit ratio from the en
 ``cached_tokens``; imbalance (max over mean of the engines' busy time); failures.
 
 Writes DIR/results.json (schema in docs/bench/README.md), DIR/results.md and charts
-(TTFT p99 and goodput against offered load, a panel per workload, a line per router).
+(TTFT p99 and goodput against offered load, a panel per workload, a line per router);
+with --dump-requests every run's requests too (DIR/requests/, for bench_hindsight.py).
 """
 
 from __future__ import annotations

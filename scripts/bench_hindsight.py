@@ -63,8 +63,8 @@ def cell_report(runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
         if len(ok) == len(stream.requests) and all(r["engine"] in index for r in ok):
             own = Stream([Request(r["start"], tuple(r["tokens"])) for r in ok], engines)
             rh, _, rp = own.play([], routes=[index[r["engine"]] for r in ok])
-            replay = f"{rh:.3f} / {rp:.0f}"
-        out.append(f"| {router} | {hit:.3f} | {p99:.0f} | {replay} |")
+            replay = f"{rh:.4f} / {rp:.0f}"
+        out.append(f"| {router} | {hit:.4f} | {p99:.0f} | {replay} |")
         if _is_peer(router):
             peers_hit.append(hit)
             peers_p99.append(p99)
@@ -72,13 +72,13 @@ def cell_report(runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
         return out + ["", "(no peer in this cell: no targets)"]
     want_hit = max(peers_hit) - HIT_SLACK
     want_p99 = P99_SHARE * min(peers_p99)
-    out += ["", f"targets: hit ratio >= {want_hit:.3f}, p99 <= {want_p99:.0f} ms", "",
+    out += ["", f"targets: hit ratio >= {want_hit:.4f}, p99 <= {want_p99:.0f} ms", "",
             "| copies | hit ratio | p50 ms | p99 ms | both targets | holders (engines per "
             "prompt group, most requested first) |", "|---:|---:|---:|---:|---|---|"]
     for p in frontier(stream, copies):
         both = "yes" if p.hit_ratio >= want_hit and p.p99_ms <= want_p99 else "no"
-        holders = " ".join("".join(str(e + 1) for e in h) for h in p.holders)
-        out.append(f"| {p.copies} | {p.hit_ratio:.3f} | {p.p50_ms:.0f} | {p.p99_ms:.0f} | "
+        holders = _holders(p.holders, len(engines))
+        out.append(f"| {p.copies} | {p.hit_ratio:.4f} | {p.p50_ms:.0f} | {p.p99_ms:.0f} | "
                    f"{both} | {holders} |")
     out += ["", "online rule with a perfect view of the queues (copy when a holder's queue is "
             "over the shortest by more than the gap):", "",
@@ -86,9 +86,17 @@ def cell_report(runs: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
             "|---|" + "---:|" * len(GAPS)]
     curve = online(stream, GAPS)
     out.append("| hit / p99 | " + " | ".join(
-        f"{h:.3f} / {p:.0f}" + (" *" if h >= want_hit and p <= want_p99 else "")
+        f"{h:.4f} / {p:.0f}" + (" *" if h >= want_hit and p <= want_p99 else "")
         for _, h, p in curve) + " |")
     return out
+
+
+def _holders(holders: tuple[tuple[int, ...], ...], engines: int, most: int = 8) -> str:
+    """``14 2 3``: engines 1 and 4 hold the first group... (``+`` between engines past 9);
+    the most requested groups only."""
+    sep = "+" if engines > 9 else ""
+    text = " ".join(sep.join(str(e + 1) for e in h) for h in holders[:most])
+    return text + (f" (+{len(holders) - most} more)" if len(holders) > most else "")
 
 
 def _is_peer(router: str) -> bool:

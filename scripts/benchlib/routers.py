@@ -39,7 +39,8 @@ class Router:
     setting: str  # kvgate: a policy (or round_robin / seed); peers: their --policy
     peer: bool = False
     knobs: tuple[tuple[str, float], ...] = ()
-    """kvgate's own rule with these ``policies.kvgate`` knobs (``kvgate@replicate=2``)."""
+    """kvgate with these knobs set (``kvgate@replicate=2``): its cost model's go to
+    ``policies.kvgate``, the gateway's own numbers to ``kvcache``."""
 
     @property
     def available(self) -> bool:
@@ -64,17 +65,22 @@ ROUTERS = {r.name: r for r in (
 
 
 def find_router(name: str) -> Router:
-    """A router by name: one of ``ROUTERS``, or kvgate's rule with knobs of its own,
+    """A router by name: one of ``ROUTERS``, or kvgate with knobs set,
     ``kvgate@replicate=2`` (``@`` between several), to see what a knob trades on the same
-    stream as the default. KeyError names what is wrong."""
+    stream as the default. A knob is a field of kvgate's cost model
+    (``policies.kvgate.<knob>``) or a number of the gateway's own (``min_batch_slots``,
+    ``lookup_cache_ttl``, ...: ``kvcache.<knob>``). KeyError names what is wrong."""
     if name in ROUTERS:
         return ROUTERS[name]
     base, _, rest = name.partition("@")
     if base != "kvgate" or not rest:
         raise KeyError(name)
+    from kvgate.config.rules import validate
+    from kvgate.config.schema import KVCacheConfig
     from kvgate.policies.predicted_ttft import CostModel
 
-    known = {f.name for f in fields(CostModel)}
+    rule = {f.name for f in fields(CostModel)}
+    own = {f.name: f.type for f in fields(KVCacheConfig) if f.type in ("int", "float")}
     knobs = []
     for item in rest.split("@"):
         key, _, value = item.partition("=")
@@ -82,11 +88,17 @@ def find_router(name: str) -> Router:
             number = float(value)
         except ValueError:
             raise KeyError(f"{name} ({item}: want knob=number)") from None
-        if key not in known:
-            raise KeyError(f"{name} ({key}: not a knob of kvgate, {', '.join(sorted(known))})")
+        if key not in rule and key not in own:
+            raise KeyError(f"{name} ({key}: not a knob of kvgate, "
+                           f"{', '.join(sorted(rule | set(own)))})")
+        if key not in rule and own[key] == "int":
+            if not number.is_integer():
+                raise KeyError(f"{name} ({key}: a whole number)")
+            number = int(number)
         knobs.append((key, number))
     try:  # out of range: said here, not by a gateway that will not start mid-sweep
-        CostModel(**dict(knobs)).check()
+        CostModel(**{k: v for k, v in knobs if k in rule}).check()
+        validate(KVCacheConfig(**{k: v for k, v in knobs if k not in rule}))
     except ValueError as e:
         raise KeyError(f"{name} ({e})") from None
     return Router(name, "kvgate", "kvgate", knobs=tuple(knobs))
@@ -107,7 +119,12 @@ def kvgate_config(cluster: SimCluster | RealCluster, setting: str,
     if os.environ.get("KVGATE_BENCH_KV") and setting == "kvgate":
         kv.update(json.loads(os.environ["KVGATE_BENCH_KV"]))  # experiments only
     if knobs:
-        kv["policies"] = {"kvgate": dict(knobs)}
+        from kvgate.policies.predicted_ttft import CostModel
+
+        rule = {f.name for f in fields(CostModel)}
+        if any(k in rule for k, _ in knobs):
+            kv["policies"] = {"kvgate": {k: v for k, v in knobs if k in rule}}
+        kv.update({k: v for k, v in knobs if k not in rule})
     return cfg
 
 

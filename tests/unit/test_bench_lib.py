@@ -152,7 +152,7 @@ def test_a_warm_up_is_played_but_not_measured() -> None:
         engine.stop()
 
 
-def test_routers_by_name_and_kvgate_with_a_knob_of_its_rule() -> None:
+def test_routers_by_name_and_kvgate_with_knobs_set() -> None:
     from benchlib.routers import ROUTERS, find_router, kvgate_config
 
     assert find_router("vllm-router:cache_aware") is ROUTERS["vllm-router:cache_aware"]
@@ -166,8 +166,14 @@ def test_routers_by_name_and_kvgate_with_a_knob_of_its_rule() -> None:
 
     kv = kvgate_config(Cluster(), r.setting, r.knobs)["kvcache"]  # type: ignore[arg-type]
     assert kv["policies"] == {"kvgate": {"replicate": 2.0, "queue_ms": 60.0}}
+    # a number of the gateway's own goes to kvcache, checked as its config would be
+    r = find_router("kvgate@min_batch_slots=1@replicate=3")
+    kv = kvgate_config(Cluster(), r.setting, r.knobs)["kvcache"]  # type: ignore[arg-type]
+    assert kv["min_batch_slots"] == 1 and isinstance(kv["min_batch_slots"], int)
+    assert kv["policies"] == {"kvgate": {"replicate": 3.0}}
     for bad in ("kvgate@nope=1", "kvgate@replicate=lots", "kvgate@replicate=-1", "kvgate@",
-                "sglang@replicate=2", "nobody"):
+                "sglang@replicate=2", "nobody", "kvgate@min_batch_slots=1.5",
+                "kvgate@metrics_interval=-1", "kvgate@debug_headers=1"):
         with pytest.raises(KeyError):
             find_router(bad)
 
