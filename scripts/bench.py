@@ -123,10 +123,11 @@ def play_cell(wl_name: str, load: float, capacity: float, routers: list[Router],
                     [(e.prefill_ms, e.time_scale) for e in cluster.params],
                     pool=(sum(e.batch_slots for e in cluster.params),
                           steps * fast.decode_ms * fast.time_scale)))
-            if args.dump_requests and isinstance(cluster, SimCluster):
-                dump.write(args.out / "requests" / dump.name(wl_name, load, router.name, rep),
-                           dump_meta(wl, load, router.name, rep, cluster), records,
-                           tokenize_request)
+                if args.dump_requests:  # the same timing model and tokenizer
+                    dump.write(args.out / "requests" / dump.name(wl_name, load, router.name,
+                                                                 rep),
+                               dump_meta(wl, load, router.name, rep, cluster), records,
+                               tokenize_request)
             row.update(scraped)
             row.update({"workload": wl_name, "load": load, "router": router.name,
                         "offered_rps": round(rate, 2), "repeat": rep,
@@ -457,7 +458,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="smoke test: rag and mixed at 80%%, four routers, 5 s each")
+                    help="smoke test: rag and mixed at 80%%, four routers, 5 s each (what "
+                         "--workloads, --loads, --seconds or --routers set stands)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -500,9 +502,13 @@ def main() -> int:
         if args.loads == "0.5,0.8,0.95":
             args.loads = "0.8"
         args.slo_ms = args.slo_ms or 500.0
-    if args.quick:
-        args.workloads = "rag" if args.real else "rag,mixed"
-        args.loads, args.seconds = "0.8", 5.0
+    if args.quick:  # its own defaults; what the command line sets stands
+        if args.workloads in (",".join(WORKLOADS), ",".join(REAL_WORKLOADS)):
+            args.workloads = "rag" if args.real else "rag,mixed"
+        if args.loads == "0.5,0.8,0.95":
+            args.loads = "0.8"
+        if args.seconds == ap.get_default("seconds"):
+            args.seconds = 5.0
         if args.routers == ",".join(DEFAULT_ROUTERS):
             args.routers = ",".join(QUICK_ROUTERS)
     names = [w for w in args.workloads.split(",") if w]

@@ -280,12 +280,22 @@ def test_bench_quick(tmp_path: Path) -> None:
     """scripts/bench's smoke test, quicker still: one workload, kvgate and round robin."""
     got = _run(["scripts/bench", "--quick", "--workloads", "rag", "--routers",
                 "round_robin,kvgate", "--seconds", "2", "--capacity-seconds", "1", "--out",
-                str(tmp_path)], 600)
+                str(tmp_path), "--dump-requests"], 600)
     assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert {r["router"] for r in runs} == {"round_robin", "kvgate"}
     assert all(r["failed"] == 0 and r["requests"] > 0 for r in runs)
     assert (tmp_path / "ttft_p99_vs_load.png").exists()
+    # the request dumps, and the hindsight replay over them (docs/bench/README.md)
+    dumps = sorted(p.name for p in (tmp_path / "requests").iterdir())
+    assert dumps == ["rag-80-kvgate-0.jsonl", "rag-80-round_robin-0.jsonl"]
+    requests = sum(r["requests"] for r in runs if r["router"] == "kvgate")
+    assert len((tmp_path / "requests" / dumps[0]).read_text().splitlines()) == requests + 1
+    got = _run([".venv/bin/python", "scripts/bench_hindsight.py", str(tmp_path / "requests"),
+                "--copies", "1"], 120)
+    assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
+    assert "### rag 80%, repeat 0" in got.stdout and "| kvgate |" in got.stdout
+    assert re.search(r"^\| 1 \| 0\.\d{4} \|", got.stdout, re.M), got.stdout  # one copy
 
 
 QUICK_BENCHES = [
