@@ -154,12 +154,13 @@ def _primaries(stream: Stream, limit: int) -> list[list[list[int]]]:
     if n_grp and n_eng ** free <= limit:
         return [([[0]] if alike else []) + [[e] for e in combo]
                 for combo in itertools.product(range(n_eng), repeat=free)]
-    return [_moves(stream, _balanced(stream))]
+    return [_moves(stream, _balanced(stream))[1]]
 
 
-def _moves(stream: Stream, holders: list[list[int]], rounds: int = 4) -> list[list[int]]:
+def _moves(stream: Stream, holders: list[list[int]],
+           rounds: int = 4) -> tuple[tuple[float, float], list[list[int]]]:
     """Move one holder of a group to an engine not holding it while that lowers (p99,
-    -hit)."""
+    -hit); the placement reached and its key."""
     best = _key(stream.play(holders))
     for _ in range(rounds):
         improved = False
@@ -175,7 +176,7 @@ def _moves(stream: Stream, holders: list[list[int]], rounds: int = 4) -> list[li
                         best, holders, improved = k, trial, True
         if not improved:
             break
-    return holders
+    return best, holders
 
 
 def frontier(stream: Stream, max_copies: int = 6, beam: int = 12,
@@ -206,8 +207,9 @@ def frontier(stream: Stream, max_copies: int = 6, beam: int = 12,
         if not tried:
             break
         tried.sort(key=lambda t: t[0])
-        layer = [_moves(stream, t[1], rounds=2) for t in tried[:beam]]
-        out.append(_point(stream, min(layer, key=lambda h: _key(stream.play(h))), k))
+        moved = [_moves(stream, t[1], rounds=2) for t in tried[:beam]]
+        layer = [holders for _, holders in moved]
+        out.append(_point(stream, min(moved, key=lambda m: m[0])[1], k))
     return out
 
 

@@ -64,6 +64,13 @@ ROUTERS = {r.name: r for r in (
 )}
 
 
+def _rule_knobs() -> set[str]:
+    """The knobs of kvgate's cost model (``policies.kvgate``), as against the gateway's."""
+    from kvgate.policies.predicted_ttft import CostModel
+
+    return {f.name for f in fields(CostModel)}
+
+
 def find_router(name: str) -> Router:
     """A router by name: one of ``ROUTERS``, or kvgate with knobs set,
     ``kvgate@replicate=2`` (``@`` between several), to see what a knob trades on the same
@@ -79,7 +86,7 @@ def find_router(name: str) -> Router:
     from kvgate.config.schema import KVCacheConfig
     from kvgate.policies.predicted_ttft import CostModel
 
-    rule = {f.name for f in fields(CostModel)}
+    rule = _rule_knobs()
     own = {f.name: f.type for f in fields(KVCacheConfig) if f.type in ("int", "float")}
     knobs = []
     for item in rest.split("@"):
@@ -119,9 +126,7 @@ def kvgate_config(cluster: SimCluster | RealCluster, setting: str,
     if os.environ.get("KVGATE_BENCH_KV") and setting == "kvgate":
         kv.update(json.loads(os.environ["KVGATE_BENCH_KV"]))  # experiments only
     if knobs:
-        from kvgate.policies.predicted_ttft import CostModel
-
-        rule = {f.name for f in fields(CostModel)}
+        rule = _rule_knobs()
         if any(k in rule for k, _ in knobs):
             kv["policies"] = {"kvgate": {k: v for k, v in knobs if k in rule}}
         kv.update({k: v for k, v in knobs if k not in rule})
