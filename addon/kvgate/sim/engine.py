@@ -206,6 +206,19 @@ class SimEngine(StubApp):
             self.waiting -= 1
             self.running += 1
             self.running_kv_tokens += kv_tokens
+        released = False
+
+        def release() -> None:
+            # vLLM frees a finished request before its API server sends the response, so
+            # a /metrics read after the response never counts it as running
+            nonlocal released
+            if not released:
+                released = True
+                with self.lock:
+                    self.running -= 1
+                    self.running_kv_tokens -= kv_tokens
+                self.slots.release()
+
         try:
             with self.cache_lock:
                 adm = self.cache.serve(tokens)
@@ -235,16 +248,14 @@ class SimEngine(StubApp):
                     {"index": 0, "message": {"role": "assistant", "content": text},
                      "finish_reason": "length"}
                     if chat else {"index": 0, "text": text, "finish_reason": "length"})
+                release()
                 h._send(200, {
                     "id": f"cmpl-{time.monotonic_ns()}",
                     "object": "chat.completion" if chat else "text_completion",
                     "created": int(time.time()), "model": body.get("model", self.p.model),
                     "choices": [choice], "usage": usage}, hdrs)
         finally:
-            with self.lock:
-                self.running -= 1
-                self.running_kv_tokens -= kv_tokens
-            self.slots.release()
+            release()
 
     def _stream(self, h: _Handler, chat: bool, n_out: int, usage: dict, body: dict,
                 hdrs: dict[str, str], sim: dict[str, Any]) -> None:
