@@ -225,8 +225,10 @@ def test_the_simulator_routes_and_caches_like_the_real_engines(
     assert len(ids_1280) == 1280
     steps = scenario(model, ids_1280)
 
-    # the real side
-    cfg = gateway_config(cluster)
+    # the real side. Every gateway request asks the controller: a reused lookup answer
+    # (lookup_cache_ttl, lookup_stale_ttl) would make a repeat's matched tokens depend on
+    # how long the steps took, and the real engines take longer than the simulated ones.
+    cfg = gateway_config(cluster, lookup_cache_ttl=0, lookup_stale_ttl=0)
     gw = start_gateway(tmp_path / "gw-real", cfg)
     try:
         real = World("real", [cluster.url(i) for i in cluster.ids], cluster.ids, gw.url,
